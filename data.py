@@ -1,0 +1,439 @@
+"""Data for PauseRec: user sequences, item texts and the leave-one-out split.
+
+Also reads config files (load_config), since every command starts there.
+Reads the Amazon 2014 5-core files of one category (reviews: JSON lines; meta: Python-literal lines),
+downloading them on request, checks the k-core, sorts each user's items by time (stable), and renders
+the item text that SIDs are built from. A seeded synthetic catalogue with the same structure serves the
+offline demo and the tests. Imports no project module.
+"""
+
+import ast
+import gzip
+import hashlib
+import html
+import json
+import os
+import random
+import re
+import string
+import tempfile
+import typing
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import yaml
+from tqdm import tqdm
+
+
+@dataclass
+class DataConfig:
+    source: str = "amazon"          # amazon | synthetic
+    category: str = "Beauty"        # names reviews_<category>_5.json(.gz) and meta_<category>.json(.gz)
+    dir: str = ""                   # folder holding the two files; used as is when they are there
+    download: bool = False          # fetch missing files from the urls below into cache_dir
+    cache_dir: str = "cache/data"   # relative to the current directory
+    reviews_url: str = "https://snap.stanford.edu/data/amazon/productGraph/categoryFiles/reviews_{category}_5.json.gz"
+    meta_url: str = "https://snap.stanford.edu/data/amazon/productGraph/categoryFiles/meta_{category}.json.gz"
+    k_core: int = 5                 # every user and item must have >= k_core interactions (checked)
+    filter_k_core: bool = False     # enforce it by iterative filtering instead of raising
+    max_history: int = 20           # history cap (most recent items)
+    item_text: str = "{title}. Brand: {brand}. Categories: {categories}. Price: {price}."
+    # synthetic catalogue
+    num_users: int = 2000           # users of the synthetic catalogue
+    num_items: int = 500            # items of the synthetic catalogue (>= 20)
+    seed: int = 0                   # seed of the synthetic catalogue
+
+
+class Dataset(NamedTuple):
+    item_ids: list[str]          # original id (asin) of item index i; item indices are 0..N-1
+    user_ids: list[str]
+    sequences: list[list[int]]   # per user, ALL item indices, chronological (stable sort), uncapped
+    item_text: list[str]         # text for SIDs, rendered from the template, HTML unescaped
+    item_meta: list[dict]        # title, brand, categories (paths), price, category (leaf of 1st path)
+
+
+class Example(NamedTuple):
+    user: int
+    history: list[int]   # item indices, oldest first, at most max_history, never including target or later
+    target: int
+
+
+TEXT_FIELDS = ("title", "brand", "categories", "price")
+
+# -----------------------------------------------------------------------------
+# download: temp file in the destination folder, renamed into place only when complete
+
+
+def download(url: str, dest, desc: str = "", sha256: str | None = None) -> Path:
+    """Fetch url (http(s):// or file://) to dest atomically; a failure leaves no partial file."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as r:
+            total = int(r.headers.get("Content-Length") or 0) or None
+            got, digest = 0, hashlib.sha256()
+            with tqdm(total=total, unit="B", unit_scale=True, desc=desc or dest.name) as bar:
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+                    digest.update(chunk)
+                    got += len(chunk)
+                    bar.update(len(chunk))
+        if total is not None and got != total:
+            raise OSError(f"connection closed early: got {got} of {total} bytes")
+        if sha256 and digest.hexdigest() != sha256:
+            raise OSError(f"sha256 mismatch: got {digest.hexdigest()}, expected {sha256}")
+        if dest.name.endswith(".gz") or _is_gzip(tmp):
+            with gzip.open(tmp, "rb") as g:  # the whole stream must decompress
+                while g.read(1 << 22):
+                    pass
+        os.replace(tmp, dest)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, Exception):
+            raise OSError(f"download of {url} failed ({type(e).__name__}: {e}); nothing was saved") from e
+        raise
+    return dest
+
+
+def _is_gzip(path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
+
+
+def find_files(cfg: DataConfig) -> tuple[Path, Path]:
+    """Paths of the reviews and meta files: in cfg.dir or cache_dir, else downloaded (if allowed)."""
+    names = (f"reviews_{cfg.category}_5.json", f"meta_{cfg.category}.json")
+    urls = (cfg.reviews_url, cfg.meta_url)
+    folders = [Path(d) for d in (cfg.dir, cfg.cache_dir) if d]
+    paths = []
+    for name, url in zip(names, urls):
+        found = [f / n for f in folders for n in (name + ".gz", name) if (f / n).is_file()]
+        if found:
+            paths.append(found[0])
+            continue
+        where = Path(cfg.dir or cfg.cache_dir)
+        hint = (f"put {names[0]}.gz and {names[1]}.gz (or plain .json) in {where}, "
+                f"or point data.dir= to a folder holding them")
+        if not cfg.download:
+            raise FileNotFoundError(f"{name}(.gz) not found in {', '.join(map(str, folders))}; {hint}, "
+                                    f"or set data.download=true to fetch them into {cfg.cache_dir}")
+        dest = Path(cfg.cache_dir) / (name + ".gz")
+        try:
+            paths.append(download(url.format(category=cfg.category), dest, desc=dest.name))
+        except OSError as e:
+            raise OSError(f"{e}. To fix: {hint}") from e
+    return paths[0], paths[1]
+
+
+# -----------------------------------------------------------------------------
+# parsing
+
+
+def read_lines(path):
+    """Yield (line number, text) of a plain or gzipped file, skipping blank lines."""
+    path = Path(path)
+    opener = gzip.open if _is_gzip(path) else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if line.strip():
+                    yield i, line
+    except (EOFError, OSError, UnicodeDecodeError) as e:  # truncated or corrupt gzip, bad bytes
+        raise ValueError(f"{path}: truncated or corrupt file ({type(e).__name__}: {e}); "
+                         f"delete it and fetch it again") from e
+
+
+def read_reviews(path) -> list[tuple[str, str, int]]:
+    """(user, item, unixReviewTime) per review, in file order."""
+    rows = []
+    for i, line in read_lines(path):
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{Path(path).name}:{i}: malformed JSON ({e})") from None
+        if not isinstance(r, dict) or any(k not in r for k in ("reviewerID", "asin", "unixReviewTime")):
+            raise ValueError(f"{Path(path).name}:{i}: a review needs reviewerID, asin and unixReviewTime")
+        rows.append((str(r["reviewerID"]), str(r["asin"]), int(r["unixReviewTime"])))
+    if not rows:
+        raise ValueError(f"{path}: no reviews (empty file)")
+    return rows
+
+
+_ASIN = re.compile(r"""['"]asin['"]\s*:\s*['"]([^'"]+)['"]""")
+
+
+def read_meta(path, wanted: set[str]) -> dict[str, dict]:
+    """Stream the meta file and keep only the wanted asins (real files hold ~10^5-10^6 items)."""
+    meta, seen_lines = {}, 0
+    for i, line in read_lines(path):
+        seen_lines += 1
+        m = _ASIN.search(line)  # cheap pre-filter: skip literal_eval of items nobody reviewed
+        if m and m.group(1) not in wanted:
+            continue
+        try:
+            d = ast.literal_eval(line.strip())
+        except (ValueError, SyntaxError, MemoryError, RecursionError) as e:
+            raise ValueError(f"{Path(path).name}:{i}: malformed Python literal ({type(e).__name__})") \
+                from None
+        if not isinstance(d, dict) or "asin" not in d:
+            raise ValueError(f"{Path(path).name}:{i}: a meta line must be a dict with an 'asin'")
+        if d["asin"] in wanted and d["asin"] not in meta:
+            meta[d["asin"]] = d
+    if not seen_lines:
+        raise ValueError(f"{path}: no items (empty file)")
+    return meta
+
+
+def unescape(s: str) -> str:
+    """HTML entities, also double-escaped ones (a few titles hold '&amp;#39;')."""
+    for _ in range(3):
+        s, prev = html.unescape(s), s
+        if s == prev:
+            break
+    return s
+
+
+def item_info(d: dict) -> dict:
+    """The item_meta dict of one raw meta record; missing optional fields become None / []."""
+    text = lambda x: unescape(str(x)).strip() if x not in (None, "") else None  # noqa: E731
+    cats = [[unescape(str(c)) for c in path] for path in (d.get("categories") or [])]
+    try:
+        price = float(d["price"]) if d.get("price") not in (None, "") else None
+    except (TypeError, ValueError):
+        price = None
+    return {"title": text(d.get("title")), "brand": text(d.get("brand")), "categories": cats,
+            "price": price, "category": cats[0][-1] if cats and cats[0] else ""}
+
+
+def check_template(template: str):
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(template) if f is not None}
+    except ValueError as e:
+        raise ValueError(f"data.item_text: bad template {template!r} ({e})") from None
+    unknown = fields - set(TEXT_FIELDS)
+    if unknown:
+        raise ValueError(f"data.item_text: unknown field(s) {sorted(unknown)}; "
+                         f"known: {', '.join(TEXT_FIELDS)}")
+
+
+def render_text(template: str, info: dict) -> str:
+    """Item text for SIDs: missing fields render as '' (no 'None'/'unknown' placeholders)."""
+    price = info["price"]
+    fields = {"title": info["title"] or "", "brand": info["brand"] or "",
+              "categories": "; ".join(" > ".join(p) for p in info["categories"]),
+              "price": f"{price:.2f}" if price is not None else ""}
+    return template.format(**fields)
+
+
+# -----------------------------------------------------------------------------
+# k-core and the Amazon dataset
+
+
+def k_core(rows: list[tuple], k: int, filter: bool) -> list[tuple]:
+    """Check (or enforce, iteratively) >= k interactions per user and item."""
+    while True:
+        users, items = {}, {}
+        for u, i, _ in rows:
+            users[u] = users.get(u, 0) + 1
+            items[i] = items.get(i, 0) + 1
+        bad_u = {u for u, c in users.items() if c < k}
+        bad_i = {i for i, c in items.items() if c < k}
+        if not bad_u and not bad_i:
+            return rows
+        if not filter:
+            raise ValueError(f"{len(bad_u)} users and {len(bad_i)} items have < {k} interactions "
+                             f"(data.k_core={k}); set data.filter_k_core=true to filter them out")
+        rows = [r for r in rows if r[0] not in bad_u and r[1] not in bad_i]
+        if not rows:
+            raise ValueError(f"no interactions left after {k}-core filtering (data.k_core={k})")
+
+
+def load_amazon(cfg: DataConfig) -> Dataset:
+    check_template(cfg.item_text)
+    reviews_path, meta_path = find_files(cfg)
+    rows = k_core(read_reviews(reviews_path), cfg.k_core, cfg.filter_k_core)
+    # indices by order of first appearance in the reviews file (deterministic)
+    item_index, user_index, per_user = {}, {}, []
+    for u, a, t in rows:
+        if u not in user_index:
+            user_index[u] = len(user_index)
+            per_user.append([])
+        per_user[user_index[u]].append((t, item_index.setdefault(a, len(item_index))))
+    item_ids = list(item_index)
+    meta = read_meta(meta_path, set(item_ids))
+    missing = [a for a in item_ids if a not in meta]
+    if missing:
+        raise ValueError(f"{meta_path.name}: {len(missing)} reviewed items have no meta line, "
+                         f"e.g. {', '.join(missing[:5])}")
+    item_meta = [item_info(meta[a]) for a in item_ids]
+    sequences = [[i for _, i in sorted(s, key=lambda x: x[0])] for s in per_user]  # sorted() is stable
+    return Dataset(item_ids, list(user_index), sequences,
+                   [render_text(cfg.item_text, m) for m in item_meta], item_meta)
+
+
+# -----------------------------------------------------------------------------
+# synthetic catalogue: items in categories with shared words; users walk hidden "routes" so that the next
+# item is set by the route (readable from the last two items), not by the last item alone
+
+
+def _word(rng: random.Random, used: set) -> str:
+    while (w := "".join(rng.choice("bdfgklmnprstvz") + rng.choice("aeiou") for _ in range(3))) in used:
+        pass
+    used.add(w)
+    return w
+
+
+def load_synthetic(cfg: DataConfig) -> Dataset:
+    check_template(cfg.item_text)
+    if cfg.num_items < 20 or cfg.num_users < 1:
+        raise ValueError(f"data.num_items must be >= 20 and data.num_users >= 1, "
+                         f"got {cfg.num_items} and {cfg.num_users}")
+    rng, used = random.Random(cfg.seed), set()
+    n_cat = min(10, cfg.num_items // 10)
+    cat_names = [_word(rng, used).capitalize() for _ in range(n_cat)]
+    cat_words = [[_word(rng, used) for _ in range(12)] for _ in range(n_cat)]  # vocabulary per category
+    brands = [[_word(rng, used).capitalize() for _ in range(4)] for _ in range(n_cat)]  # 4 per category
+    item_cat = [i % n_cat for i in range(cfg.num_items)]
+    rng.shuffle(item_cat)
+    by_cat = [[i for i, c in enumerate(item_cat) if c == k] for k in range(n_cat)]
+    item_meta = []
+    for c in item_cat:
+        title = " ".join(rng.sample(cat_words[c], 3)) + " " + rng.choice(["set", "kit", "pack", "mini"])
+        price = round(rng.uniform(2, 60), 2)
+        item_meta.append({"title": title, "brand": rng.choice(brands[c]), "price": price,
+                          "categories": [["Synthetic", cat_names[c]]], "category": cat_names[c]})
+    # routes: ~15 items of a primary and ~5 of a secondary category; each item lies on ~8 routes, so the
+    # last item alone leaves several possible successors while the pair (prev, last) mostly fixes one
+    routes = []
+    for _ in range(max(1, 8 * cfg.num_items // 20)):
+        c1 = rng.randrange(n_cat)
+        c2 = (c1 + rng.randrange(1, n_cat)) % n_cat
+        route = rng.sample(by_cat[c1], min(15, len(by_cat[c1])))
+        route += rng.sample(by_cat[c2], min(5, len(by_cat[c2])))
+        rng.shuffle(route)
+        routes.append((c1, route))
+    sequences = []
+    for _ in range(cfg.num_users):
+        c1, route = rng.choice(routes)
+        n = min(5 + int(rng.expovariate(1 / 5)), 20)
+        pos = rng.randrange(max(1, len(route) - n + 1))
+        seq = []
+        while len(seq) < n:
+            if pos < len(route) and rng.random() > 0.15:  # follow the route ...
+                item, pos = route[pos], pos + 1
+            else:  # ... or a noise item of the taste category, after which the route goes on
+                item = rng.choice(by_cat[c1])
+            if item not in seq:
+                seq.append(item)
+            elif pos >= len(route):  # past the route's end a repeat is replaced by any unseen item
+                seq.append(rng.choice([i for i in range(cfg.num_items) if i not in seq]))
+        sequences.append(seq)
+    item_ids = [f"item{i:04d}" for i in range(cfg.num_items)]
+    texts = [render_text(cfg.item_text, m) for m in item_meta]
+    return Dataset(item_ids, [f"user{u:04d}" for u in range(cfg.num_users)], sequences, texts, item_meta)
+
+
+def load_dataset(cfg: DataConfig) -> Dataset:
+    if cfg.k_core < 1 or cfg.max_history < 1:
+        raise ValueError(f"data.k_core and data.max_history must be >= 1, "
+                         f"got {cfg.k_core} and {cfg.max_history}")
+    if cfg.source == "amazon":
+        return load_amazon(cfg)
+    if cfg.source == "synthetic":
+        return load_synthetic(cfg)
+    raise ValueError(f"data.source must be 'amazon' or 'synthetic', got {cfg.source!r}")
+
+
+# -----------------------------------------------------------------------------
+# leave-one-out split
+
+
+def leave_one_out(sequences: list[list[int]], max_history: int) -> dict[str, list[Example]]:
+    """Last item = test target, second last = valid target, items 1..n-3 = train targets."""
+    if max_history < 1:
+        raise ValueError(f"data.max_history must be >= 1, got {max_history}")
+    split = {"train": [], "valid": [], "test": []}
+    for u, s in enumerate(sequences):
+        n = len(s)
+        if n < 3:
+            raise ValueError(f"user {u} has {n} items; leave-one-out needs >= 3 (check data.k_core)")
+        for name, targets in (("train", range(1, n - 2)), ("valid", [n - 2]), ("test", [n - 1])):
+            split[name].extend(Example(u, s[max(0, t - max_history):t], s[t]) for t in targets)
+    return split
+
+
+def train_part(sequences: list[list[int]], split: str) -> list[list[int]]:
+    """What a baseline may train on before predicting `split`: test -> seq[:-1], valid -> seq[:-2]."""
+    if split not in ("valid", "test"):
+        raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+    cut = 1 if split == "test" else 2
+    return [s[:-cut] for s in sequences]
+
+
+def summary(ds: Dataset) -> dict:
+    lengths = [len(s) for s in ds.sequences]
+    return {"users": len(ds.user_ids), "items": len(ds.item_ids), "interactions": sum(lengths),
+            "mean_length": round(sum(lengths) / max(1, len(lengths)), 2),
+            "min_length": min(lengths, default=0), "max_length": max(lengths, default=0)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Config files: YAML sections merged onto the typed defaults of each module's dataclass
+
+def _check_type(key: str, value, hint):
+    """Return value converted to the field's type, or raise naming the key. Ints pass as floats."""
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ValueError(f"{key} must be a list, got {value!r}")
+        return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and type(value) is hint:
+        return value
+    raise ValueError(f"{key} must be {hint.__name__}, got {value!r}")
+
+
+def load_config(path, overrides=(), sections=None, ignore=()):
+    """Read a YAML config and dotted `section.key=value` overrides onto dataclass defaults.
+
+    sections: {"data": DataConfig, ...}; ignore: section names allowed in the file but not used by
+    the caller (e.g. evaluate.py --baselines has no use for `model`). Returns {section: instance}.
+    Unknown sections or keys and wrong types raise ValueError naming the file and key.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    for item in overrides:  # "model.num_pauses=8": the value is parsed as YAML, so 8 is an int
+        key, eq, value = item.partition("=")
+        section, dot, field = key.partition(".")
+        if not (eq and dot and field):
+            raise ValueError(f"override {item!r} must look like section.key=value")
+        if section in ignore:
+            raise ValueError(f"override {item!r}: section '{section}' is not used by this command")
+        if not isinstance(raw.setdefault(section, {}), dict):
+            raise ValueError(f"{path}: section '{section}' must be a mapping")
+        raw[section][field] = yaml.safe_load(value)
+    valid = sorted(sections) + sorted(ignore)
+    for section in raw:
+        if section not in valid:
+            raise ValueError(f"{path}: unknown section '{section}'; valid sections: {', '.join(valid)}")
+    config = {}
+    for section, cls in sections.items():
+        values = raw.get(section) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: section '{section}' must be a mapping")
+        hints = typing.get_type_hints(cls)
+        for key in values:
+            if key not in hints:
+                raise ValueError(f"{path}: unknown key '{section}.{key}'; valid keys: "
+                                 + ", ".join(f"{section}.{k}" for k in hints))
+        config[section] = cls(**{k: _check_type(f"{section}.{k}", v, hints[k]) for k, v in values.items()})
+    return config

@@ -1,0 +1,316 @@
+import gzip
+import http.server
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data  # noqa: E402
+
+BEAUTY = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "amazon-beauty"
+
+# 6 users x 5 items over items A..E (a 5-core); u1's items share timestamps to test the stable sort
+REVIEWS = [(f"u{u}", a, 100 + 10 * j) for u in range(6) for j, a in enumerate("ABCDE")]
+REVIEWS = [(u, a, 500 if u == "u1" else t) for u, a, t in REVIEWS]
+META = {
+    "A": {"asin": "A", "title": "Nail &amp; Lip Kit &#39;Red&#39;", "brand": "OPI", "price": 12.0,
+          "categories": [["Beauty", "Makeup", "Nails"], ["Beauty", "Gift Sets"]], "salesRank": {"Beauty": 3}},
+    "B": {"asin": "B", "categories": [["Beauty", "Skin Care"]]},            # no title, brand, price
+    "C": {"asin": "C", "title": "Cream", "brand": "Kirk&amp;#39;s", "categories": []},  # double-escaped
+    "D": {"asin": "D", "title": "Soap", "price": 3.5, "categories": [["Beauty"]]},
+    "E": {"asin": "E", "title": "Brush", "brand": "Real", "categories": [["Beauty", "Tools"]]},
+    "Z": {"asin": "Z", "title": "never reviewed", "categories": []},
+}
+
+
+def review_lines(rows):
+    return [json.dumps({"reviewerID": u, "asin": a, "unixReviewTime": t, "reviewTime": "x"})
+            for u, a, t in rows]
+
+
+def write(path: Path, lines, gz: bool):
+    text = "".join(line + "\n" for line in lines)
+    if gz:
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+
+
+def make_dir(tmp_path, gz=True, reviews=REVIEWS, meta=META, reviews_lines=None, meta_lines=None):
+    ext = ".json.gz" if gz else ".json"
+    write(tmp_path / f"reviews_Test_5{ext}", reviews_lines or review_lines(reviews), gz)
+    write(tmp_path / f"meta_Test{ext}", meta_lines or [repr(m) for m in meta.values()], gz)
+    return data.DataConfig(category="Test", dir=str(tmp_path), cache_dir=str(tmp_path / "cache"))
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_load_both_formats(tmp_path, gz):
+    ds = data.load_dataset(make_dir(tmp_path, gz))
+    assert ds.item_ids == list("ABCDE")  # first appearance order, unreviewed Z dropped
+    assert ds.user_ids == [f"u{u}" for u in range(6)]
+    assert ds.sequences[0] == [0, 1, 2, 3, 4]
+    assert data.summary(ds) == {"users": 6, "items": 5, "interactions": 30, "mean_length": 5.0,
+                                "min_length": 5, "max_length": 5}
+
+
+def test_meta_fields_text_and_unescape(tmp_path):
+    ds = data.load_dataset(make_dir(tmp_path))
+    a, b = ds.item_meta[0], ds.item_meta[1]
+    assert a["title"] == "Nail & Lip Kit 'Red'" and a["brand"] == "OPI" and a["price"] == 12.0
+    assert a["category"] == "Nails" and a["categories"][1] == ["Beauty", "Gift Sets"]
+    assert b == {"title": None, "brand": None, "categories": [["Beauty", "Skin Care"]], "price": None,
+                 "category": "Skin Care"}
+    assert ds.item_meta[2]["category"] == "" and ds.item_meta[2]["brand"] == "Kirk's"
+    assert ds.item_text[0] == ("Nail & Lip Kit 'Red'. Brand: OPI. "
+                               "Categories: Beauty > Makeup > Nails; Beauty > Gift Sets. Price: 12.00.")
+    assert ds.item_text[1] == ". Brand: . Categories: Beauty > Skin Care. Price: ."
+    assert "None" not in " ".join(ds.item_text)
+
+
+def test_item_text_template(tmp_path):
+    cfg = make_dir(tmp_path)
+    cfg.item_text = "{brand}|{title}"
+    assert data.load_dataset(cfg).item_text[4] == "Real|Brush"
+    cfg.item_text = "{title} {colour}"
+    with pytest.raises(ValueError, match=r"data\.item_text.*colour"):
+        data.load_dataset(cfg)
+
+
+def test_stable_tie_order(tmp_path):
+    # u1: all five reviews share one timestamp -> file order kept; u2: reversed times -> reversed order
+    rows = [(u, a, (200 - 10 * "ABCDE".index(a)) if u == "u2" else t) for u, a, t in REVIEWS]
+    ds = data.load_dataset(make_dir(tmp_path, reviews=rows))
+    assert ds.sequences[1] == [0, 1, 2, 3, 4]
+    assert ds.sequences[2] == [4, 3, 2, 1, 0]
+    # ties in the middle: (C,100) (A,50) (B,100) (D,100) (E,10) -> E A C B D
+    rows = [(u, a, t) for u, a, t in rows if u != "u3"] + [("u3", a, t) for a, t in
+                                                           zip("CABDE", [100, 50, 100, 100, 10])]
+    ds = data.load_dataset(make_dir(tmp_path, reviews=rows))
+    assert [ds.item_ids[i] for i in ds.sequences[ds.user_ids.index("u3")]] == list("EACBD")
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_malformed_review_line(tmp_path, gz):
+    lines = review_lines(REVIEWS)
+    lines[16] = '{"reviewerID": "u3", "asin": '
+    with pytest.raises(ValueError, match=r"reviews_Test_5\.json(\.gz)?:17: malformed JSON"):
+        data.load_dataset(make_dir(tmp_path, gz, reviews_lines=lines))
+    lines[16] = json.dumps({"reviewerID": "u3", "asin": "B"})  # no unixReviewTime
+    with pytest.raises(ValueError, match=r":17: a review needs"):
+        data.load_dataset(make_dir(tmp_path, gz, reviews_lines=lines))
+
+
+def test_malformed_meta_lines(tmp_path):
+    lines = [repr(m) for m in META.values()]
+    bad = lines[:2] + ["['not', 'a', 'dict']"] + lines[2:]
+    with pytest.raises(ValueError, match=r"meta_Test\.json\.gz:3: a meta line must be a dict"):
+        data.load_dataset(make_dir(tmp_path, meta_lines=bad))
+    bad = lines[:1] + ["{'asin': 'B', 'title': __import__('os')}"] + lines[2:]
+    with pytest.raises(ValueError, match=r"meta_Test\.json\.gz:2: malformed Python literal"):
+        data.load_dataset(make_dir(tmp_path, meta_lines=bad))
+
+
+def test_missing_meta_items(tmp_path):
+    meta = {k: v for k, v in META.items() if k not in "BD"}
+    with pytest.raises(ValueError, match=r"2 reviewed items have no meta line, e\.g\. B, D"):
+        data.load_dataset(make_dir(tmp_path, meta=meta))
+
+
+def test_empty_and_truncated_files(tmp_path):
+    cfg = make_dir(tmp_path)
+    (tmp_path / "reviews_Test_5.json.gz").write_bytes(gzip.compress(b""))
+    with pytest.raises(ValueError, match="empty file"):
+        data.load_dataset(cfg)
+    whole = gzip.compress("\n".join(review_lines(REVIEWS)).encode())
+    (tmp_path / "reviews_Test_5.json.gz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(ValueError, match=r"reviews_Test_5\.json\.gz: truncated or corrupt"):
+        data.load_dataset(cfg)
+
+
+def test_missing_files_error(tmp_path):
+    cfg = data.DataConfig(category="Test", dir=str(tmp_path / "nowhere"), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(FileNotFoundError, match=r"reviews_Test_5\.json.*meta_Test\.json.*data\.dir=.*"
+                                                r"data\.download=true"):
+        data.load_dataset(cfg)
+
+
+def test_k_core_check_and_filter(tmp_path):
+    # u6 has 2 items; item F is reviewed only by u6 -> 1 user and 1 item violate the 5-core
+    rows = REVIEWS + [("u6", "A", 1), ("u6", "F", 2)]
+    meta = {**META, "F": {"asin": "F", "title": "F"}}
+    cfg = make_dir(tmp_path, reviews=rows, meta=meta)
+    with pytest.raises(ValueError, match=r"1 users and 1 items have < 5 .*data\.filter_k_core=true"):
+        data.load_dataset(cfg)
+    cfg.filter_k_core = True
+    ds = data.load_dataset(cfg)
+    assert ds.user_ids == [f"u{u}" for u in range(6)] and ds.item_ids == list("ABCDE")
+    cfg.k_core = 7  # nobody has 7 items: filtering empties the dataset
+    with pytest.raises(ValueError, match="no interactions left"):
+        data.load_dataset(cfg)
+
+
+def test_k_core_filter_is_iterative():
+    # removing user x (2 items) leaves item B with 2 users < 3, which then removes more
+    rows = [(u, i, 0) for u in "abc" for i in "ACD"] + [("x", "A", 0), ("x", "B", 0), ("a", "B", 0),
+                                                        ("b", "B", 0)]
+    kept = data.k_core(rows, 3, filter=True)
+    assert {r[1] for r in kept} == set("ACD") and {r[0] for r in kept} == set("abc")
+
+
+def test_leave_one_out_rules():
+    seqs = [list(range(10, 35)), [1, 2, 3], [5, 6, 7, 8, 9]]
+    split = data.leave_one_out(seqs, max_history=20)
+    assert [len(split[k]) for k in ("train", "valid", "test")] == [22 + 0 + 2, 3, 3]
+    for u, s in enumerate(seqs):
+        train = [e for e in split["train"] if e.user == u]
+        (valid,) = [e for e in split["valid"] if e.user == u]
+        (test,) = [e for e in split["test"] if e.user == u]
+        assert [e.target for e in train] == s[1:-2]
+        assert valid.target == s[-2] and test.target == s[-1]
+        assert valid.target not in {e.target for e in train} and test.target not in {e.target for e in train}
+        for e in train + [valid, test]:
+            t = s.index(e.target)
+            assert e.history == s[max(0, t - 20):t]  # the most recent items before the target, no later
+            assert e.target not in e.history and len(e.history) <= 20
+    assert split["test"][0].history == list(range(14, 34))  # capped at 20
+    assert data.leave_one_out(seqs, 2)["valid"][2].history == [6, 7]
+    with pytest.raises(ValueError, match="user 0 has 2 items"):
+        data.leave_one_out([[1, 2]], 20)
+
+
+def test_train_part():
+    seqs = [[1, 2, 3, 4, 5], [6, 7, 8]]
+    assert data.train_part(seqs, "test") == [[1, 2, 3, 4], [6, 7]]
+    assert data.train_part(seqs, "valid") == [[1, 2, 3], [6]]
+    with pytest.raises(ValueError):
+        data.train_part(seqs, "train")
+
+
+def test_synthetic_determinism_and_shape():
+    cfg = data.DataConfig(source="synthetic")
+    t = time.perf_counter()
+    a = data.load_dataset(cfg)
+    assert time.perf_counter() - t < 1.0
+    assert a == data.load_dataset(cfg)
+    b = data.load_dataset(data.DataConfig(source="synthetic", seed=1))
+    assert a.sequences != b.sequences
+    assert len(a.user_ids) == 2000 and len(a.item_ids) == len(a.item_text) == len(a.item_meta) == 500
+    assert a.item_ids[0] == "item0000" and a.user_ids[-1] == "user1999"
+    assert all(5 <= len(s) <= 20 and len(set(s)) == len(s) for s in a.sequences)
+    assert all(0 <= i < 500 for s in a.sequences for i in s)
+    counts = [0] * 500
+    for s in a.sequences:
+        for i in s:
+            counts[i] += 1
+    assert sum(c >= 5 for c in counts) > 0.95 * 500
+    # item text shares words within a category
+    m = a.item_meta
+    assert len({x["category"] for x in m}) == 10
+    assert all(x["category"] in t and x["brand"] in t for x, t in zip(m, a.item_text))
+    split = data.leave_one_out(a.sequences, 20)
+    assert len(split["test"]) == 2000
+
+
+def test_synthetic_needs_more_than_last_item():
+    # the next item is much better predicted from (prev, last) than from last alone
+    s = data.load_dataset(data.DataConfig(source="synthetic")).sequences
+    first, second = {}, {}
+    for seq in s:
+        for t in range(2, len(seq)):
+            first.setdefault(seq[t - 1], {}).setdefault(seq[t], 0)
+            first[seq[t - 1]][seq[t]] += 1
+            second.setdefault((seq[t - 2], seq[t - 1]), {}).setdefault(seq[t], 0)
+            second[(seq[t - 2], seq[t - 1])][seq[t]] += 1
+    def top(table):  # accuracy of predicting the most frequent successor
+        return sum(max(d.values()) for d in table.values()) / sum(sum(d.values()) for d in table.values())
+    assert top(second) > top(first) + 0.2
+
+
+# ------------------------------------------------------------------------- download
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    body = b""
+
+    def log_message(self, *args):
+        pass
+
+    def do_GET(self):
+        body = Handler.body
+        if self.path == "/missing":
+            self.send_error(404)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body) + (100 if self.path.startswith("/short") else 0)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.fixture
+def server():
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_download_complete_and_used(tmp_path, server):
+    (tmp_path / "src").mkdir()
+    make_dir(tmp_path / "src")
+    files = {n: (tmp_path / "src" / n).read_bytes() for n in ("reviews_Test_5.json.gz", "meta_Test.json.gz")}
+    cache = tmp_path / "cache"
+    Handler.body = files["reviews_Test_5.json.gz"]
+    data.download(server + "/r.json.gz", cache / "reviews_Test_5.json.gz")
+    assert (cache / "reviews_Test_5.json.gz").read_bytes() == files["reviews_Test_5.json.gz"]
+    cfg = data.DataConfig(category="Test", cache_dir=str(cache), download=True,
+                          meta_url=(tmp_path / "src").as_uri() + "/meta_{category}.json.gz")  # file://
+    ds = data.load_dataset(cfg)
+    assert len(ds.item_ids) == 5 and (cache / "meta_Test.json.gz").read_bytes() == files["meta_Test.json.gz"]
+    assert sorted(p.name for p in cache.iterdir()) == ["meta_Test.json.gz", "reviews_Test_5.json.gz"]
+
+
+@pytest.mark.parametrize("path,match", [("/short.json.gz", "IncompleteRead|closed early"),
+                                        ("/corrupt.json.gz", "EOFError|BadGzipFile"),
+                                        ("/missing", "404")])
+def test_download_failure_leaves_nothing(tmp_path, server, path, match):
+    whole = gzip.compress(b"x" * 10000)
+    Handler.body = whole[: len(whole) // 2] if path.startswith("/corrupt") else whole
+    cfg = data.DataConfig(category="Test", cache_dir=str(tmp_path / "cache"), download=True,
+                          reviews_url=server + path, meta_url=server + path)
+    with pytest.raises(OSError, match=f"({match}).*nothing was saved.*reviews_Test_5.*data\\.dir="):
+        data.load_dataset(cfg)
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_download_file_url_and_sha256(tmp_path):
+    src = tmp_path / "w.bin"
+    src.write_bytes(b"weights" * 1000)
+    dest = data.download(src.as_uri(), tmp_path / "out" / "w.bin", desc="w")
+    assert dest.read_bytes() == src.read_bytes()
+    with pytest.raises(OSError, match="sha256 mismatch"):
+        data.download(src.as_uri(), tmp_path / "out2" / "w.bin", sha256="0" * 64)
+    assert list((tmp_path / "out2").iterdir()) == []
+
+
+# ------------------------------------------------------------------------- real data
+
+
+def test_real_beauty():
+    if not (BEAUTY / "reviews_Beauty_5.json.gz").is_file():
+        pytest.skip(f"no Beauty files in {BEAUTY}")
+    ds = data.load_dataset(data.DataConfig(dir=str(BEAUTY)))
+    s = data.summary(ds)
+    assert (s["users"], s["items"], s["interactions"]) == (22363, 12101, 198502)
+    assert s["min_length"] == 5 and s["max_length"] == 204
+    assert all(len(set(q)) == len(q) for q in ds.sequences)
+    assert ds.item_ids[0] == "B004756YJA" and ds.item_meta[0]["category"] == "Nail Polish"
+    assert not any("&amp;" in t or "&#" in t for t in ds.item_text)
+    split = data.leave_one_out(ds.sequences, 20)
+    assert len(split["test"]) == len(split["valid"]) == 22363
+    assert len(split["train"]) == 198502 - 3 * 22363
