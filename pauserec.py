@@ -1,0 +1,662 @@
+"""PauseRec: generative recommendation over Semantic IDs (SIDs) with pause tokens.
+
+One file, read top to bottom:
+  1. ModelConfig and the GPT-style decoder (GPT-2 parameter layout, KV cache for beam search)
+  2. Tokens: the vocabulary layout (specials, one token range per SID level, rationale words)
+  3. Example builders for the modes none | pause | cot, loss masks, collate
+  4. SIDTrie: a CSR prefix trie over the catalogue's SIDs
+  5. Constrained beam search (and exhaustive teacher-forced scoring, its reference)
+
+A training example in pause mode (pause_layout 'target'):
+    [BOS] sid(h1) ... sid(hn) <pause> x M sid(target)      loss on the target's SID tokens only
+No EOS is needed: every SID has exactly L tokens, and the trie ends the decoding after L levels.
+"""
+
+import json
+import math
+import random
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. Model
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int = 4               # transformer blocks
+    n_head: int = 4                # attention heads (d_model must divide by it)
+    d_model: int = 128             # width
+    dropout: float = 0.0           # dropout on embeddings, attention weights and residual branches
+    max_len: int = 256             # learned positions: longest sequence the model can read
+    reasoning: str = "pause"       # none | pause | cot
+    num_pauses: int = 4            # M: <pause> tokens before the target (pause mode)
+    pause_layout: str = "target"   # target: M pauses before the target only | every_item: before every item
+    loss_on_history: bool = False  # also supervise the history items' SID tokens (all but the first item)
+    rationale_file: str = ""       # cot: JSONL {"key": "<user>:<target>", "rationale": ..} replaces templates
+    rationale_noise: float = 0.0   # cot: probability that a rationale is replaced by another item's template
+    max_rationale_len: int = 16    # cot: rationale words kept (training) and decoded at most (inference)
+
+    def __post_init__(self):
+        for key in ("n_layer", "n_head", "d_model", "max_len"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"model.{key} must be > 0, got {getattr(self, key)}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"model.d_model ({self.d_model}) must divide by model.n_head ({self.n_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.reasoning not in ("none", "pause", "cot"):
+            raise ValueError(f"model.reasoning must be none | pause | cot, got {self.reasoning!r}")
+        if self.pause_layout not in ("target", "every_item"):
+            raise ValueError(f"model.pause_layout must be target | every_item, got {self.pause_layout!r}")
+        if self.num_pauses < 0 or self.max_rationale_len < 0:
+            raise ValueError("model.num_pauses and model.max_rationale_len must be >= 0")
+        if not 0.0 <= self.rationale_noise <= 1.0:
+            raise ValueError(f"model.rationale_noise must be in [0, 1], got {self.rationale_noise}")
+
+
+class KVCache:
+    """Keys/values of the tokens read so far, per layer, in two parts.
+
+    The first forward pass through a cache (the prefill of B prompts) fills the shared part
+    `prefix` [B, H, Tp, Dh]. Later passes append to the `own` part [B*G, H, t, Dh]: row b*G + g is
+    beam g of prompt b. Beams of one user share the prompt's keys instead of copying them, so
+    reordering beams copies only the few decoded tokens (4 SID tokens, not a 100-token history).
+    """
+
+    def __init__(self):
+        self.prefix = []          # per layer (k, v) [B, H, Tp, Dh]
+        self.prefix_bias = None   # [B, 1, 1, Tp] attention bias: 0 on real tokens, -inf on left padding
+        self.own = []             # per layer (k, v) [B*G, H, t, Dh]
+        self.own_mask = None      # [B*G, t] bool
+        self.length = None        # [B*G] real tokens read so far = position of the next token
+        self.group = 1            # G: rows per prompt
+
+    def reorder(self, beam):
+        """beam [B, K] long: new row (b, k) continues old row (b, beam[b, k]); G becomes K."""
+        B, K = beam.shape
+        rows = (torch.arange(B, device=beam.device)[:, None] * self.group + beam).reshape(-1)
+        self.own = [(k[rows], v[rows]) for k, v in self.own]
+        self.own_mask, self.length, self.group = self.own_mask[rows], self.length[rows], K
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+        self.c_attn = nn.Linear(cfg.d_model, 3 * cfg.d_model)  # fused q, k, v
+        self.c_proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.attn_dropout = nn.Dropout(cfg.dropout)
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, mask, cache: KVCache | None, layer: int):
+        N, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(N, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # N,H,T,Dh
+        if cache is None or len(cache.prefix) <= layer:
+            # no past: causal attention (mask None = the is_causal fast path used in training)
+            if cache is not None:
+                cache.prefix.append((k, v))
+                cache.own.append((k[:, :, :0], v[:, :, :0]))
+            p = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=p)
+        else:
+            y = self.attend_cached(q, k, v, cache, layer)
+        y = y.transpose(1, 2).reshape(N, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+    def attend_cached(self, q, k, v, cache: KVCache, layer: int):
+        """Softmax over [shared prompt keys ; this row's own keys], computed without copying the prompt.
+
+        Scores are laid out per prompt, [B, H, G*T, keys]: the G beams' queries of one prompt form one
+        matrix against its Tp keys, and the big prompt-sized tensors are never transposed.
+        """
+        ok, ov = cache.own[layer]
+        ok, ov = torch.cat([ok, k], 2), torch.cat([ov, v], 2)  # [N, H, t, Dh], t includes the T new tokens
+        cache.own[layer] = (ok, ov)
+        pk, pv = cache.prefix[layer]                             # [B, H, Tp, Dh]
+        N, H, T, Dh = q.shape
+        B, Tp, t, G = pk.shape[0], pk.shape[2], ok.shape[2], cache.group
+
+        def grouped(x):  # [N, H, T, X] -> [B, H, G*T, X]
+            return x.view(B, G, H, T, -1).transpose(1, 2).reshape(B, H, G * T, x.shape[-1])
+
+        def rows(x):     # [B, H, G*T, X] -> [N, H, T, X]
+            return x.view(B, H, G, T, -1).transpose(1, 2).reshape(N, H, T, x.shape[-1])
+
+        q = q * (1.0 / math.sqrt(Dh))
+        sp = grouped(q) @ pk.transpose(-1, -2) + cache.prefix_bias  # [B, H, G*T, Tp], -inf on padding
+        # own part: causal within the row's decoded tokens, minus masked (padding) ones
+        causal = torch.ones(T, t, dtype=torch.bool, device=q.device).tril(t - T)
+        so = (q @ ok.transpose(-1, -2)).masked_fill(~(causal & cache.own_mask[:, None, None, :]), float("-inf"))
+        a = self.attn_dropout(torch.softmax(torch.cat([sp, grouped(so)], -1), -1))  # [B, H, G*T, Tp + t]
+        return rows(a[..., :Tp] @ pv) + rows(a[..., Tp:]) @ ov
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.d_model, 4 * cfg.d_model)
+        self.c_proj = nn.Linear(4 * cfg.d_model, cfg.d_model)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))  # GPT-2's GELU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.d_model)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.d_model)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, mask, cache, layer):
+        x = x + self.attn(self.ln_1(x), mask, cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """Decoder-only transformer with GPT-2's parameter names, so GPT-2 weights can be loaded into it."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(vocab_size, cfg.d_model),
+            wpe=nn.Embedding(cfg.max_len, cfg.d_model),
+            drop=nn.Dropout(cfg.dropout),
+            h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
+            ln_f=nn.LayerNorm(cfg.d_model),
+        ))
+        self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied input/output embeddings
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: residual projections scaled by depth
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(m):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    @property
+    def device(self):
+        return self.transformer.wte.weight.device
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())  # the tied embedding counts once
+
+    def forward(self, ids, key_mask=None, positions=None, cache: KVCache | None = None, select=None):
+        """ids [N, T] -> logits.
+
+        key_mask [N, T] bool, True = real token: None means all real (right-padded training batches need
+          none: causal attention never lets a real token see the pads after it). With left-padded
+          prompts, pads are masked as keys and positions count from 0 at the first real token, so a
+          row's results do not depend on how much padding it got.
+        positions [N, T]: default = real tokens before this one (plus those already in the cache).
+        cache: a KVCache, filled in place (the first call fills its shared prompt part).
+        select: None -> logits [N, T, V]; 'last' -> [N, V] at the last position; a bool tensor [N, T]
+          -> [n_true, V] only where True (skips the vocabulary matmul at unsupervised positions).
+        """
+        N, T = ids.shape
+        past = cache is not None and len(cache.prefix) > 0
+        real = key_mask if key_mask is not None else torch.ones_like(ids, dtype=torch.bool)
+        if positions is None:
+            positions = (real.long().cumsum(1) - 1).clamp(min=0)
+            if past:
+                positions = positions + cache.length[:, None]
+        if int(positions.max()) >= self.cfg.max_len:
+            raise ValueError(f"sequence longer than model.max_len={self.cfg.max_len} positions")
+        mask = None  # None = plain causal attention
+        if not past and key_mask is not None and not bool(key_mask.all()):
+            causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
+            # every query also sees itself, so padding queries get a (discarded) finite output, not NaN
+            mask = (causal & key_mask[:, None, None, :]) | torch.eye(T, dtype=torch.bool, device=ids.device)
+        if cache is not None:
+            if past:
+                cache.own_mask = torch.cat([cache.own_mask, real], 1)
+                cache.length = cache.length + real.sum(1)
+            else:
+                cache.length = real.sum(1)
+                cache.prefix_bias = torch.zeros(real.shape, device=ids.device).masked_fill(~real, float("-inf"))
+                cache.prefix_bias = cache.prefix_bias[:, None, None, :]
+                cache.own_mask = real[:, :0]
+        x = self.transformer.drop(self.transformer.wte(ids) + self.transformer.wpe(positions))
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, mask, cache, layer)
+        x = self.transformer.ln_f(x)
+        if isinstance(select, str) and select == "last":
+            x = x[:, -1]
+        elif select is not None:
+            x = x[select]  # [n_true, d]
+        return self.lm_head(x)
+
+    def loss(self, ids, loss_mask):
+        """Mean cross-entropy over supervised tokens; logits are computed only where a target is."""
+        sel = loss_mask[:, 1:]                        # position i predicts ids[:, i + 1]
+        logits = self(ids[:, :-1], select=sel)        # [n_supervised, V]
+        return F.cross_entropy(logits.float(), ids[:, 1:][sel])
+
+
+def loss(logits, ids, loss_mask):
+    """Same loss from full logits [B, T, V] (reference for GPT.loss)."""
+    sel = loss_mask[:, 1:]
+    return F.cross_entropy(logits[:, :-1][sel].float(), ids[:, 1:][sel])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 2. Token layout
+
+
+def words_of(text: str) -> list[str]:
+    """Lowercased word tokens of a rationale: runs of letters/digits, or single punctuation marks."""
+    return re.findall(r"[a-z0-9]+|[^\sa-z0-9]", text.lower())
+
+
+class Tokens:
+    """The vocabulary: 6 specials, then one contiguous token range per SID level, then rationale words.
+
+    SID level l, code c -> token offsets[l] + c. Built from the code sizes per level; with `codes`
+    [N, L] it also maps item indices to their SID tokens (`sid(item)`).
+    """
+
+    PAD, BOS, EOS, PAUSE, THINK, END_THINK = range(6)
+    SPECIALS = ("<pad>", "<bos>", "<eos>", "<pause>", "<think>", "</think>")
+
+    def __init__(self, level_sizes, words=(), codes=None):
+        self.level_sizes = [int(s) for s in level_sizes]
+        if not self.level_sizes or min(self.level_sizes) <= 0:
+            raise ValueError(f"Tokens: level sizes must be a non-empty list of ints > 0, got {level_sizes}")
+        self.offsets, n = [], len(self.SPECIALS)
+        for s in self.level_sizes:
+            self.offsets.append(n)
+            n += s
+        self.word_start = n
+        self.words = list(dict.fromkeys(words))  # unique, order kept
+        self.word_index = {w: n + i for i, w in enumerate(self.words)}
+        self.size = n + len(self.words)
+        self.item_sids = None  # per item, its L token ids (a list of lists: fast in the example builders)
+        if codes is not None:
+            codes = torch.as_tensor(np.asarray(codes), dtype=torch.long)
+            if codes.dim() != 2 or codes.shape[1] != len(self.level_sizes):
+                raise ValueError(f"Tokens: codes must be [N, {self.num_levels}], got {list(codes.shape)}")
+            if (codes < 0).any() or (codes >= torch.tensor(self.level_sizes)).any():
+                raise ValueError(f"Tokens: codes out of range of level sizes {self.level_sizes}")
+            self.item_sids = (codes + torch.tensor(self.offsets)).tolist()
+
+    @classmethod
+    def from_codes(cls, codes, words=()):
+        codes = torch.as_tensor(np.asarray(codes), dtype=torch.long)
+        return cls((codes.max(0).values + 1).tolist(), words, codes)
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.level_sizes)
+
+    def sid(self, item) -> list[int]:
+        """Token ids of an item's SID: `item` is an item index (needs codes) or a row of L codes."""
+        if isinstance(item, (int, np.integer)):
+            if self.item_sids is None:
+                raise ValueError("Tokens.sid(item) needs the codes table: build Tokens with codes=")
+            return self.item_sids[item]
+        return [o + int(c) for o, c in zip(self.offsets, item, strict=True)]
+
+    def word_ids(self, text: str) -> list[int]:
+        """Token ids of a rationale's words; words outside the vocabulary are dropped."""
+        return [self.word_index[w] for w in words_of(text) if w in self.word_index]
+
+    def decode(self, ids) -> str:
+        """Readable form of token ids, e.g. '<bos> <0:17> <1:3> <2:250> <3:0> <pause>' (for debugging)."""
+        out = []
+        for t in ids:
+            t = int(t)
+            if t < len(self.SPECIALS):
+                out.append(self.SPECIALS[t])
+            elif t >= self.word_start:
+                out.append(self.words[t - self.word_start])
+            else:
+                lvl = max(i for i, o in enumerate(self.offsets) if o <= t)
+                out.append(f"<{lvl}:{t - self.offsets[lvl]}>")
+        return " ".join(out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 3. Examples: token sequences and loss masks for the modes none | pause | cot
+
+
+def num_pauses(cfg: ModelConfig) -> int:
+    return cfg.num_pauses if cfg.reasoning == "pause" else 0
+
+
+def _history(tok: Tokens, cfg: ModelConfig, history, supervise: bool):
+    """[BOS] + history SIDs (with M pauses before each item in the every_item layout), and its loss mask.
+
+    loss_on_history supervises every history item's SID tokens except the first item's (which has no
+    history to be predicted from). Pauses are never supervised.
+    """
+    M = num_pauses(cfg) if cfg.pause_layout == "every_item" else 0
+    ids, mask = [Tokens.BOS], [False]
+    for i, item in enumerate(history):
+        ids += [Tokens.PAUSE] * M + tok.sid(item)
+        mask += [False] * M + [supervise and i > 0] * tok.num_levels
+    return ids, mask
+
+
+def _check_len(ids, cfg: ModelConfig):
+    if len(ids) > cfg.max_len:
+        raise ValueError(f"example of {len(ids)} tokens exceeds model.max_len={cfg.max_len}: shorten history")
+    return ids
+
+
+def build_prompt(tok: Tokens, cfg: ModelConfig, history: list[int]) -> list[int]:
+    """What inference prefills: [BOS] history, then M pauses (pause) or <think> (cot)."""
+    ids, _ = _history(tok, cfg, history, False)
+    if cfg.reasoning == "cot":
+        ids.append(Tokens.THINK)
+    else:
+        ids += [Tokens.PAUSE] * num_pauses(cfg)
+    return _check_len(ids, cfg)
+
+
+def build_example(tok: Tokens, cfg: ModelConfig, history: list[int], target: int,
+                  rationale: list[int] | None = None) -> tuple[list[int], list[bool]]:
+    """One training example: (ids, loss_mask); loss_mask[i] True = ids[i] is supervised.
+
+      none : [BOS] sid(h1) .. sid(hn) sid(target)
+      pause: [BOS] sid(h1) .. sid(hn) <pause>*M sid(target)          (pause_layout 'target')
+             [BOS] (<pause>*M sid(h1)) .. (<pause>*M sid(hn)) <pause>*M sid(target)   ('every_item')
+      cot  : [BOS] sid(h1) .. sid(hn) <think> w1 .. wk </think> sid(target)
+    Supervised: the target's SID tokens, plus the rationale words and </think> in cot.
+    """
+    ids, mask = _history(tok, cfg, history, cfg.loss_on_history)
+    if cfg.reasoning == "cot":
+        if rationale is None:
+            raise ValueError("build_example: reasoning=cot needs a rationale (token ids)")
+        words = list(rationale)[: cfg.max_rationale_len]
+        ids += [Tokens.THINK] + words + [Tokens.END_THINK]
+        mask += [False] + [True] * (len(words) + 1)
+    else:
+        ids += [Tokens.PAUSE] * num_pauses(cfg)
+        mask += [False] * num_pauses(cfg)
+    ids += tok.sid(target)
+    mask += [True] * tok.num_levels
+    return _check_len(ids, cfg), mask
+
+
+def build_sequence_example(tok: Tokens, cfg: ModelConfig, items: list[int]) -> tuple[list[int], list[bool]]:
+    """A user's whole item sequence as one example: [BOS] (<pause>*M sid(i1)) .. (<pause>*M sid(in)).
+
+    Every item's SID tokens but the first item's are supervised, so one pass trains all positions.
+    Needs reasoning none, or pause with pause_layout every_item (or M = 0). Equal to
+    build_example(items[:-1], items[-1]) with loss_on_history on.
+    """
+    if cfg.reasoning == "cot" or (num_pauses(cfg) > 0 and cfg.pause_layout != "every_item"):
+        raise ValueError("build_sequence_example needs model.reasoning=none, or pause with "
+                         "model.pause_layout=every_item")
+    if len(items) < 2:
+        raise ValueError(f"build_sequence_example needs >= 2 items, got {len(items)}")
+    ids, mask = _history(tok, cfg, items, True)
+    return _check_len(ids, cfg), mask
+
+
+def collate(examples) -> tuple[torch.Tensor, torch.Tensor]:
+    """List of (ids, loss_mask) -> ids [B, T] right-padded with PAD, loss_mask [B, T] bool (False on pads)."""
+    T = max(len(ids) for ids, _ in examples)
+    ids = torch.full((len(examples), T), Tokens.PAD, dtype=torch.long)
+    mask = torch.zeros((len(examples), T), dtype=torch.bool)
+    for i, (x, m) in enumerate(examples):
+        ids[i, : len(x)] = torch.tensor(x)
+        mask[i, : len(m)] = torch.tensor(m)
+    return ids, mask
+
+
+def left_pad(prompts: list[list[int]], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts -> ids [B, T] left-padded with PAD, key_mask [B, T] bool (True = real token)."""
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), Tokens.PAD, dtype=torch.long)
+    mask = torch.zeros((len(prompts), T), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        if p:
+            ids[i, T - len(p):] = torch.tensor(p)
+            mask[i, T - len(p):] = True
+    return ids.to(device), mask.to(device)
+
+
+# cot rationales: templates from the target item's metadata, or an external file
+
+
+def template_rationale(meta: dict) -> str:
+    """E.g. 'category nail polish , top coats ; brand opi': leaf categories of the item's paths, brand."""
+    leaves = list(dict.fromkeys(p[-1] for p in meta.get("categories") or [] if p))
+    parts = []
+    if leaves:
+        parts.append("category " + " , ".join(leaves))
+    if meta.get("brand"):
+        parts.append(f"brand {meta['brand']}")
+    return " ; ".join(parts).lower()
+
+
+def rationale_words(item_meta: list[dict], rationale_file: str = "") -> list[str]:
+    """Sorted word vocabulary of all items' template rationales, plus those of a rationale file."""
+    texts = [template_rationale(meta) for meta in item_meta]
+    texts += list(load_rationales(rationale_file).values()) if rationale_file else []
+    return sorted({w for text in texts for w in words_of(text)})
+
+
+def load_rationales(path: str) -> dict[str, str]:
+    """JSONL lines {"key": "<user>:<target>", "rationale": "..."} (user and item indices) -> {key: text}."""
+    out = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                    out[str(row["key"])] = str(row["rationale"])
+                except (ValueError, KeyError) as e:
+                    raise ValueError(f"{path}:{n}: expected {{\"key\": .., \"rationale\": ..}}: {e}") from e
+    return out
+
+
+def make_rationale(tok: Tokens, cfg: ModelConfig, user: int, target: int, item_meta: list[dict],
+                   rng: random.Random, external: dict[str, str] | None = None) -> list[int]:
+    """Rationale token ids for one training example: the external one for '<user>:<target>' if given,
+    else the target's template; with probability cfg.rationale_noise, another random item's template."""
+    text = (external or {}).get(f"{user}:{target}")
+    if text is None:
+        text = template_rationale(item_meta[target])
+    if cfg.rationale_noise > 0 and len(item_meta) > 1 and rng.random() < cfg.rationale_noise:
+        other = rng.randrange(len(item_meta) - 1)
+        text = template_rationale(item_meta[other + (other >= target)])  # any item but the target
+    return tok.word_ids(text)[: cfg.max_rationale_len]
+
+
+def example_rationales(tok: Tokens, cfg: ModelConfig, examples, item_meta: list[dict],
+                       rng: random.Random) -> list[list[int]]:
+    """Rationale token ids for training examples (objects with .user and .target), per cfg."""
+    external = load_rationales(cfg.rationale_file) if cfg.rationale_file else None
+    return [make_rationale(tok, cfg, ex.user, ex.target, item_meta, rng, external) for ex in examples]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 4. Prefix trie over the catalogue's SIDs (CSR per level)
+
+
+class SIDTrie:
+    """Exact prefix trie of codes [N, L], stored level by level as CSR arrays.
+
+    Prefixes of depth d are numbered 0..P_d-1 in lexicographic order (depth 0: the root, P_0 = 1).
+    The children of prefix p at depth d are entries child_start[d][p] : child_start[d][p+1] of
+    child_code[d] (their codes at level d); an entry's index IS the child's prefix id at depth d+1.
+    At depth L, prefix id i is item leaf_item[i]. SIDs must be unique (one leaf per item).
+    """
+
+    def __init__(self, codes):
+        codes = np.asarray(torch.as_tensor(np.asarray(codes)).cpu(), dtype=np.int64)
+        if codes.ndim != 2 or codes.shape[0] == 0 or codes.shape[1] == 0:
+            raise ValueError(f"SIDTrie: codes must be a non-empty [N, L] table, got shape {codes.shape}")
+        N, L = codes.shape
+        order = np.lexsort(codes.T[::-1])             # items sorted by their code tuple
+        s = codes[order]
+        # first[i, d] True where sorted row i starts a new prefix of depth d+1
+        first = np.ones((N, L), dtype=bool)
+        first[1:] = np.logical_or.accumulate(s[1:] != s[:-1], axis=1)
+        if not first[:, -1].all():
+            dup = order[np.flatnonzero(~first[:, -1])[0]]
+            raise ValueError(f"SIDTrie: duplicate SIDs (item {dup} shares its SID): add a collision level")
+        pid = np.zeros((N, L + 1), dtype=np.int64)    # prefix id of each sorted row at depth 0..L
+        pid[:, 1:] = np.cumsum(first, axis=0) - 1
+        self.num_levels = L
+        self.child_start, self.child_code, self.max_children = [], [], []
+        for d in range(L):
+            rows = np.flatnonzero(first[:, d])         # one row per prefix of depth d+1
+            parent = pid[rows, d]
+            counts = np.bincount(parent, minlength=pid[-1, d] + 1)
+            self.child_start.append(torch.from_numpy(np.concatenate([[0], np.cumsum(counts)])))
+            self.child_code.append(torch.from_numpy(s[rows, d].copy()))
+            self.max_children.append(int(counts.max()))
+        self.leaf_item = torch.from_numpy(order)      # depth-L prefix id -> item index
+
+    def children(self, depth: int, prefix: int) -> tuple[list[int], list[int]]:
+        """(codes, child prefix ids) of one prefix: for readers and tests."""
+        a, b = int(self.child_start[depth][prefix]), int(self.child_start[depth][prefix + 1])
+        return self.child_code[depth][a:b].tolist(), list(range(a, b))
+
+    def lookup(self, sid_codes) -> int:
+        """Item index of a code tuple, or -1 if no item has it."""
+        p = 0
+        for d, c in enumerate(sid_codes):
+            codes, ids = self.children(d, p)
+            if int(c) not in codes:
+                return -1
+            p = ids[codes.index(int(c))]
+        return int(self.leaf_item[p])
+
+    def to(self, device):
+        self.child_start = [t.to(device) for t in self.child_start]
+        self.child_code = [t.to(device) for t in self.child_code]
+        self.leaf_item = self.leaf_item.to(device)
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 5. Constrained beam search
+
+
+def _decode_rationale(model: GPT, tok: Tokens, cfg: ModelConfig, cache: KVCache, logits):
+    """cot: greedy rationale after <think>, batched; </think> forced after max_rationale_len words.
+
+    logits [B, V] at <think>. Rows that have finished feed masked padding (not attended, no position
+    used), so every row ends as if decoded alone. Returns the logits [B, V] right after each row's
+    </think>, and the rationales (list of token lists).
+    """
+    B, V = logits.shape
+    allowed = torch.zeros(V, dtype=torch.bool, device=logits.device)
+    allowed[tok.word_start:] = True
+    allowed[Tokens.END_THINK] = True
+    done = torch.zeros(B, dtype=torch.bool, device=logits.device)
+    sid_logits = torch.empty_like(logits)
+    steps = []
+    for step in range(cfg.max_rationale_len + 1):
+        nxt = logits.masked_fill(~allowed, float("-inf")).argmax(-1)
+        if step == cfg.max_rationale_len:
+            nxt.fill_(Tokens.END_THINK)
+        nxt = torch.where(done, Tokens.PAD, nxt)
+        steps.append(nxt)
+        logits = model(nxt[:, None], key_mask=~done[:, None], cache=cache, select="last")
+        ended = (nxt == Tokens.END_THINK) & ~done
+        sid_logits[ended] = logits[ended]
+        done |= ended
+        if bool(done.all()):
+            break
+    seq = torch.stack(steps, 1).tolist()
+    rationales = [[t for t in row if t not in (Tokens.PAD, Tokens.END_THINK)] for row in seq]
+    return sid_logits, rationales
+
+
+@torch.inference_mode()
+def beam_search(model: GPT, tok: Tokens, cfg: ModelConfig, trie: SIDTrie, prompts: list[list[int]],
+                beam_size: int, topk: int, return_rationales: bool = False, device=None):
+    """Top-k catalogue items per prompt by trie-constrained beam search over the L SID tokens.
+
+    -> items LongTensor [B, topk] (item indices, -1 where fewer than topk beams exist),
+       scores FloatTensor [B, topk] (summed SID log-probs, descending; -inf for the -1 items).
+    Log-probs are normalised over the FULL vocabulary and the trie only restricts which tokens are
+    selected, so a beam's score is exactly the teacher-forced log-prob of its SID (see score_items).
+    In cot mode the rationale is decoded greedily first; scores are conditioned on it (its tokens are
+    returned third with return_rationales=True). Runs on the model's device (`device` only checks it).
+    """
+    if beam_size < 1 or topk < 1:
+        raise ValueError(f"beam_search: beam_size and topk must be >= 1, got {beam_size}, {topk}")
+    was_training = model.training
+    model.eval()
+    dev = model.device
+    if device is not None and torch.device(device).type != dev.type:
+        raise ValueError(f"beam_search: model is on {dev}, not on the requested device {device}")
+    if trie.leaf_item.device != dev:
+        trie.to(dev)
+    if not prompts or min(len(p) for p in prompts) == 0:
+        raise ValueError("beam_search: prompts must be non-empty token lists (start with BOS)")
+    ids, key_mask = left_pad(prompts, dev)
+    B, L = ids.shape[0], trie.num_levels
+    cache = KVCache()
+    logits = model(ids, key_mask=key_mask, cache=cache, select="last")          # [B, V]: one parallel prefill
+    rationales = None
+    if cfg.reasoning == "cot":
+        logits, rationales = _decode_rationale(model, tok, cfg, cache, logits)
+    score = torch.zeros(B, 1, device=dev)                 # every user starts with one beam: the root
+    prefix = torch.zeros(B, 1, dtype=torch.long, device=dev)
+    alive = torch.ones(B, 1, dtype=torch.bool, device=dev)
+    for d in range(L):
+        G = prefix.shape[1]
+        logp = torch.log_softmax(logits.float(), -1).view(B, G, -1)             # [B, G, V]
+        start, end = trie.child_start[d][prefix], trie.child_start[d][prefix + 1]  # [B, G]
+        j = torch.arange(trie.max_children[d], device=dev)                     # [C]
+        entry = start[..., None] + j                                           # [B, G, C] CSR entries
+        valid = (j < (end - start)[..., None]) & alive[..., None]
+        entry = entry.clamp(max=len(trie.child_code[d]) - 1)                   # keep padding entries in range
+        token = tok.offsets[d] + trie.child_code[d][entry]                     # [B, G, C]
+        cand = (score[..., None] + logp.gather(2, token)).masked_fill(~valid, float("-inf"))
+        C = cand.shape[2]
+        score, flat = cand.view(B, G * C).topk(min(beam_size, G * C), dim=1)   # [B, K], sorted
+        alive = score > float("-inf")
+        prefix = entry.view(B, -1).gather(1, flat)        # the chosen entry is the child's prefix id
+        if d + 1 < L:
+            cache.reorder(flat // C)                      # the beam each new beam continues
+            chosen = token.view(B, -1).gather(1, flat)    # [B, K]
+            logits = model(chosen.view(-1, 1), cache=cache, select="last")
+    items = trie.leaf_item[prefix].masked_fill(~alive, -1)
+    K = items.shape[1]
+    if K < topk:  # tiny catalogue: pad
+        items = F.pad(items, (0, topk - K), value=-1)
+        score = F.pad(score, (0, topk - K), value=float("-inf"))
+    model.train(was_training)
+    out = (items[:, :topk], score[:, :topk])
+    return out + (rationales,) if return_rationales else out
+
+
+@torch.inference_mode()
+def score_items(model: GPT, tok: Tokens, cfg: ModelConfig, prompt: list[int], item_ids, chunk: int = 512):
+    """Exhaustive teacher-forced scoring: log P(sid(item) | prompt) for each item -> FloatTensor [n].
+
+    The reference the beam search must match (in cot, pass a prompt ending with the rationale and </think>).
+    """
+    was_training = model.training
+    model.eval()
+    Tp, out = len(prompt), []
+    for i in range(0, len(item_ids), chunk):
+        sids = torch.tensor([tok.sid(int(x)) for x in item_ids[i: i + chunk]], device=model.device)
+        seq = torch.cat([torch.tensor(prompt, device=model.device).expand(len(sids), Tp), sids], 1)
+        logits = model(seq[:, :-1])[:, Tp - 1:]                                # [n, L, V]
+        out.append(torch.log_softmax(logits.float(), -1).gather(2, sids[..., None]).sum((1, 2)))
+    model.train(was_training)
+    return torch.cat(out)
