@@ -393,6 +393,11 @@ def _check_type(key: str, value, hint):
         return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str):  # YAML 1.1 reads 3e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if hint in (int, float, str, bool) and type(value) is hint:
         return value
     raise ValueError(f"{key} must be {hint.__name__}, got {value!r}")

@@ -1,0 +1,126 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import data
+import evaluate
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A run small enough for a unit test: 300 users, 60 items, a 2-layer d=32 decoder.
+TINY = ["data.source=synthetic", "data.num_users=300", "data.num_items=60", "sid.codebook_size=8",
+        "sid.embed_dim=32", "sid.hidden=[64]", "sid.latent_dim=8", "sid.epochs=20", "sid.batch_size=60",
+        "model.n_layer=2", "model.d_model=32", "model.n_head=2", "model.num_pauses=2",
+        "train.batch_size=32", "train.warmup_steps=5", "train.lr=3e-3", "train.patience=0",
+        "train.threads=1", "eval.batch_size=128"]
+
+
+def tiny_args(tmp_path, *extra):
+    return [str(ROOT / "configs" / "demo.yaml"), *TINY, f"train.out_dir={tmp_path / 'runs'}",
+            f"train.sid_cache={tmp_path / 'sids'}", *extra]
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_config_unknown_key_lists_valid_keys(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown key 'model.num_pause'.*model.num_pauses"):
+        data.load_config(write(tmp_path, "model:\n  num_pause: 4\n"), [], train.SECTIONS)
+
+
+def test_config_unknown_section_and_bad_override(tmp_path):
+    with pytest.raises(ValueError, match="unknown section 'modle'"):
+        data.load_config(write(tmp_path, "modle: {}\n"), [], train.SECTIONS)
+    with pytest.raises(ValueError, match="section.key=value"):
+        data.load_config(write(tmp_path, "{}\n"), ["epochs=3"], train.SECTIONS)
+
+
+def test_config_wrong_type(tmp_path):
+    with pytest.raises(ValueError, match="train.epochs must be int"):
+        data.load_config(write(tmp_path, "train:\n  epochs: three\n"), [], train.SECTIONS)
+    with pytest.raises(ValueError, match=r"eval.ks\[1\] must be int"):
+        data.load_config(write(tmp_path, "{}\n"), ["eval.ks=[5, x]"], train.SECTIONS)
+
+
+def test_config_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        data.load_config(tmp_path / "nope.yaml", [], train.SECTIONS)
+
+
+def test_config_overrides_and_int_as_float(tmp_path):
+    cfg = data.load_config(write(tmp_path, "train:\n  lr: 1\n"), ["model.num_pauses=8", "data.dir=x/y"],
+                           train.SECTIONS)
+    assert cfg["train"].lr == 1.0 and isinstance(cfg["train"].lr, float)
+    assert cfg["model"].num_pauses == 8 and cfg["data"].dir == "x/y"
+    assert cfg["eval"].ks == [5, 10]   # untouched defaults
+
+
+def test_tiny_run_learns_and_evaluate_reproduces_test(tmp_path, capsys):
+    metrics = train.main(tiny_args(tmp_path, "train.epochs=6"))
+    run = tmp_path / "runs" / "demo"
+    assert {"config.yaml", "sids.pt", "model.pt", "log.jsonl", "metrics.json"} <= {p.name for p in run.iterdir()}
+    losses = [r["loss"] for r in map(json.loads, open(run / "log.jsonl")) if "loss" in r]
+    assert len(losses) >= 4 and sum(losses[-2:]) < sum(losses[:2])        # the loss falls
+    saved = json.loads((run / "metrics.json").read_text())
+    assert set(saved) >= {"valid", "test", "baselines", "train_seconds", "sid"}
+    assert saved["test"]["ndcg@10"] > saved["baselines"]["mostpop"]["ndcg@10"]
+    # evaluate.py RUN_DIR reproduces the test numbers exactly
+    again = evaluate.main([str(run), "eval.batch_size=7"])
+    for k in ("recall@5", "recall@10", "ndcg@5", "ndcg@10"):
+        assert again[k] == metrics["test"][k]
+
+
+def test_existing_run_needs_resume_flag(tmp_path):
+    train.main(tiny_args(tmp_path, "train.epochs=1"))
+    with pytest.raises(FileExistsError, match="train.resume=true"):
+        train.main(tiny_args(tmp_path, "train.epochs=1"))
+
+
+def test_killed_run_resumes_to_identical_weights(tmp_path):
+    """SIGKILL a run after its first checkpoint, resume it, and compare with an uninterrupted run."""
+    common = ["train.epochs=4", "eval.every=5", "model.dropout=0.1", "eval.valid_users=50"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, str(ROOT / "train.py")]
+    full = tmp_path / "full"
+    subprocess.run(cmd + tiny_args(full, *common), check=True, env=env, cwd=ROOT, capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(cmd + tiny_args(killed, *common), env=env, cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = killed / "runs" / "demo" / "last.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if last.exists() and torch.load(last, weights_only=False)["step"] >= 10:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    subprocess.run(cmd + tiny_args(killed, *common, "train.resume=true"), check=True, env=env, cwd=ROOT,
+                   capture_output=True)
+
+    a = torch.load(full / "runs" / "demo" / "last.pt", weights_only=False)
+    b = torch.load(last, weights_only=False)
+    assert a["step"] == b["step"]
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+
+
+def test_demo_config_is_valid():
+    cfg = data.load_config(ROOT / "configs" / "demo.yaml", [], train.SECTIONS)
+    assert cfg["data"].source == "synthetic"
+    for name in ("beauty", "sports", "toys"):
+        raw = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
+        assert data.load_config(ROOT / "configs" / f"{name}.yaml", [], train.SECTIONS)["data"].source == "amazon", raw

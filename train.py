@@ -1,0 +1,293 @@
+"""Train PauseRec end to end: data -> Semantic IDs -> decoder with pause tokens -> validation -> test.
+
+    python train.py configs/demo.yaml                       # synthetic data, a few minutes on a CPU
+    python train.py configs/beauty.yaml data.dir=PATH       # Amazon Beauty
+    python train.py configs/beauty.yaml train.resume=true   # continue an interrupted run
+
+Writes runs/<name>/: config.yaml, sids.pt, model.pt (best on validation NDCG@10), last.pt (for resume),
+log.jsonl and metrics.json. The test split is evaluated once, at the end, with the best checkpoint.
+"""
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+import data
+import evaluate
+import pauserec
+import sid
+
+
+@dataclass
+class TrainConfig:
+    name: str = ""               # run folder runs/<name>; default: the config file's name
+    out_dir: str = "runs"
+    sid_cache: str = "cache/sids"  # SID tables cached by their data and sid settings
+    seed: int = 0
+    device: str = "auto"         # auto | cpu | cuda | mps
+    threads: int = 0             # torch.set_num_threads (0: leave torch's default)
+    epochs: int = 30
+    batch_size: int = 256        # training sequences per step
+    lr: float = 1e-3
+    min_lr: float = 1e-5         # cosine decay ends here
+    warmup_steps: int = 200
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    patience: int = 5            # stop after this many validations without a better NDCG@10 (0: never)
+    log_every: int = 50
+    resume: bool = False         # continue runs/<name>/last.pt
+
+
+SECTIONS = {"data": data.DataConfig, "sid": sid.SIDConfig, "model": pauserec.ModelConfig,
+            "eval": evaluate.EvalConfig, "train": TrainConfig}
+
+
+def check_train_config(cfg: TrainConfig):
+    for key in ("epochs", "batch_size", "log_every"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"train.{key} must be > 0, got {getattr(cfg, key)}")
+    for key in ("lr", "grad_clip"):
+        if getattr(cfg, key) <= 0:
+            raise ValueError(f"train.{key} must be > 0, got {getattr(cfg, key)}")
+    if cfg.device not in ("auto", "cpu", "cuda", "mps") and not cfg.device.startswith("cuda:"):
+        raise ValueError(f"train.device must be auto, cpu, cuda, cuda:N or mps, got {cfg.device!r}")
+
+
+def pick_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name} but torch sees no CUDA device")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("train.device=mps but torch sees no MPS device")
+    return name
+
+
+def atomic_save(obj, path: Path):
+    """torch.save to a temporary file, then rename: a kill never leaves a half-written file."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# SID table, cached by everything that determines it
+
+def sid_table(cfg, ds, cache_dir: Path):
+    settings = {"data": asdict(cfg["data"]), "sid": asdict(cfg["sid"]), "items": len(ds.item_ids)}
+    for key in ("dir", "download", "cache_dir", "max_history"):   # where the data lives does not matter
+        settings["data"].pop(key)
+    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    path = cache_dir / f"sids-{key}.pt"
+    if path.is_file():
+        codes, _, health = sid.load_sids(path)
+        print(f"SID table loaded from {path}")
+    else:
+        codes, health = sid.build_sids(ds.item_text, cfg["sid"], [m["category"] for m in ds.item_meta])
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        sid.save_sids(path, codes, settings, health)
+    return codes, settings, health
+
+
+# ----------------------------------------------------------------------------------------------
+# Training examples: token ids and loss masks, built once
+
+def training_examples(tok, mcfg, ds, split, max_history, rng):
+    """[(ids, loss_mask)] for the training targets of every user.
+
+    Layout 'every_item' trains all of a user's positions in one sequence: the training part of each
+    sequence (all but the last two items) is cut into windows of max_history + 1 items.
+    """
+    if mcfg.pause_layout == "every_item":
+        out = []
+        for seq in data.train_part(ds.sequences, "valid"):
+            for end in range(len(seq), 1, -max_history):
+                out.append(pauserec.build_sequence_example(tok, mcfg, seq[max(0, end - max_history - 1):end]))
+        return out
+    rationales = None
+    if mcfg.reasoning == "cot":
+        rationales = pauserec.example_rationales(tok, mcfg, split["train"], ds.item_meta, rng)
+    return [pauserec.build_example(tok, mcfg, ex.history, ex.target, rationales[i] if rationales else None)
+            for i, ex in enumerate(split["train"])]
+
+
+def batches(examples, batch_size, generator):
+    """Shuffled batches of similar length (sorted within chunks of 64 batches): less padding."""
+    order = torch.randperm(len(examples), generator=generator).tolist()
+    chunk = 64 * batch_size
+    out = []
+    for start in range(0, len(order), chunk):
+        part = sorted(order[start:start + chunk], key=lambda i: len(examples[i][0]))
+        out += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
+    shuffle = torch.randperm(len(out), generator=generator).tolist()
+    return [out[i] for i in shuffle]
+
+
+def lr_at(step, total, cfg: TrainConfig):
+    """Linear warmup, then cosine decay from lr to min_lr at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+# ----------------------------------------------------------------------------------------------
+
+def main(argv):
+    if not argv or argv[0].startswith("-"):
+        sys.exit(__doc__)
+    # --- config -------------------------------------------------------------------------------
+    cfg = data.load_config(argv[0], argv[1:], SECTIONS)
+    tcfg, mcfg, ecfg = cfg["train"], cfg["model"], cfg["eval"]
+    check_train_config(tcfg)
+    evaluate.check_eval_config(ecfg)
+    tcfg.name = tcfg.name or Path(argv[0]).stem
+    run_dir = Path(tcfg.out_dir) / tcfg.name
+    resolved = {name: asdict(section) for name, section in cfg.items()}
+    print(yaml.safe_dump(resolved, sort_keys=False))
+    device = pick_device(tcfg.device)
+    if tcfg.threads:
+        torch.set_num_threads(tcfg.threads)
+    random.seed(tcfg.seed)
+    np.random.seed(tcfg.seed)
+    torch.manual_seed(tcfg.seed)
+    last_path = run_dir / "last.pt"
+    if tcfg.resume and not last_path.is_file():
+        raise FileNotFoundError(f"train.resume=true but {last_path} does not exist")
+    if not tcfg.resume and last_path.is_file():
+        raise FileExistsError(f"{run_dir} holds a run already: pass train.resume=true to continue it, "
+                              f"or train.name=<other> to start a new one")
+
+    # --- data and Semantic IDs -----------------------------------------------------------------
+    t0 = time.time()
+    ds = data.load_dataset(cfg["data"])
+    split = data.leave_one_out(ds.sequences, cfg["data"].max_history)
+    print(f"data: {data.summary(ds)} ({time.time() - t0:.1f}s)")
+    codes, sid_settings, sid_health = sid_table(cfg, ds, Path(tcfg.sid_cache))
+    print(f"SIDs: {json.dumps(sid_health)}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not tcfg.resume:
+        (run_dir / "log.jsonl").unlink(missing_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    sid.save_sids(run_dir / "sids.pt", codes, sid_settings, sid_health)
+    words = pauserec.rationale_words(ds.item_meta, mcfg.rationale_file) if mcfg.reasoning == "cot" else []
+    tok = pauserec.Tokens.from_codes(codes, words)
+    trie = pauserec.SIDTrie(codes)
+    rng = random.Random(tcfg.seed)
+    examples = training_examples(tok, mcfg, ds, split, cfg["data"].max_history, rng)
+    valid = split["valid"]
+    if 0 < ecfg.valid_users < len(valid):   # a fixed sample, the same at every validation
+        valid = [valid[i] for i in sorted(random.Random(tcfg.seed).sample(range(len(valid)), ecfg.valid_users))]
+
+    # --- model and optimizer -------------------------------------------------------------------
+    model = pauserec.GPT(mcfg, tok.size).to(device)
+    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocabulary {tok.size}")
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tcfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=tcfg.lr, betas=(0.9, 0.98))
+    steps_per_epoch = math.ceil(len(examples) / tcfg.batch_size)
+    total_steps = tcfg.epochs * steps_per_epoch
+    step, best, bad_evals, train_seconds = 0, -1.0, 0, 0.0
+    if tcfg.resume:
+        state = torch.load(last_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, best, bad_evals, train_seconds = state["step"], state["best"], state["bad_evals"], state["train_seconds"]
+        set_rng_state(state["rng"])
+        print(f"resumed from {last_path} at step {step}")
+
+    def checkpoint():
+        atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                     "best": best, "bad_evals": bad_evals, "train_seconds": train_seconds, "rng": rng_state()},
+                    last_path)
+
+    def log(record):
+        with open(run_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # --- training loop -------------------------------------------------------------------------
+    eval_every = ecfg.every or steps_per_epoch
+    stop = False
+    bar = tqdm(total=total_steps, initial=step, desc="train", disable=None)
+    tokens, t_log = 0, time.time()
+    while step < total_steps and not stop:
+        epoch, skip = divmod(step, steps_per_epoch)
+        # The order of an epoch depends only on (seed, epoch): a resumed run replays it exactly.
+        order = batches(examples, tcfg.batch_size, torch.Generator().manual_seed(tcfg.seed * 1000 + epoch))
+        for rows in order[skip:]:
+            t_step = time.time()
+            model.train()
+            ids, loss_mask = pauserec.collate([examples[i] for i in rows])
+            ids, loss_mask = ids.to(device), loss_mask.to(device)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, total_steps, tcfg)
+            loss = model.loss(ids, loss_mask)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+            optimizer.step()
+            step += 1
+            tokens += int((ids != tok.PAD).sum())
+            train_seconds += time.time() - t_step
+            bar.update(1)
+            if step % tcfg.log_every == 0:
+                rate = tokens / (time.time() - t_log)
+                bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:.0f}")
+                log({"step": step, "epoch": epoch, "loss": round(loss.item(), 4),
+                     "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": round(rate)})
+                tokens, t_log = 0, time.time()
+            if step % eval_every == 0 or step == total_steps:
+                metrics = evaluate.evaluate_model(model, tok, mcfg, trie, valid, ecfg, device, desc="valid")
+                better = metrics["ndcg@10"] > best
+                best, bad_evals = (metrics["ndcg@10"], 0) if better else (best, bad_evals + 1)
+                if better:
+                    atomic_save({"model": model.state_dict(), "words": words,
+                                 "step": step}, run_dir / "model.pt")
+                log({"step": step, "epoch": epoch, "valid": metrics, "best": better})
+                tqdm.write(f"step {step} valid {json.dumps(metrics)}{'  (best)' if better else ''}")
+                checkpoint()
+                tokens, t_log = 0, time.time()
+                if tcfg.patience and bad_evals >= tcfg.patience:
+                    tqdm.write(f"early stop: {bad_evals} validations without improvement")
+                    stop = True
+                    break
+    bar.close()
+
+    # --- test, once, with the best checkpoint ----------------------------------------------------
+    best_state = torch.load(run_dir / "model.pt", map_location=device, weights_only=True)
+    model.load_state_dict(best_state["model"])
+    valid_full = evaluate.evaluate_model(model, tok, mcfg, trie, split["valid"], ecfg, device, desc="valid")
+    test = evaluate.evaluate_model(model, tok, mcfg, trie, split["test"], ecfg, device, desc="test")
+    metrics = {"valid": valid_full, "test": test,
+               "baselines": evaluate.baseline_metrics(ds.sequences, "test", ecfg.ks),
+               "baselines_valid": evaluate.baseline_metrics(ds.sequences, "valid", ecfg.ks),
+               "train_seconds": round(train_seconds, 1), "best_step": best_state["step"], "steps": step,
+               "sid": sid_health}
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    print(json.dumps({"test": test, "markov": metrics["baselines"]["markov"], "run": str(run_dir)}))
+    return metrics
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
