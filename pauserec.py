@@ -6,16 +6,22 @@ One file, read top to bottom:
   3. Example builders for the modes none | pause | cot, loss masks, collate
   4. SIDTrie: a CSR prefix trie over the catalogue's SIDs
   5. Constrained beam search (and exhaustive teacher-forced scoring, its reference)
+  6. GPT-2 backbone: safetensors reader, weight import, byte-level BPE tokenizer (prompts with titles)
 
 A training example in pause mode (pause_layout 'target'):
     [BOS] sid(h1) ... sid(hn) <pause> x M sid(target)      loss on the target's SID tokens only
 No EOS is needed: every SID has exactly L tokens, and the trie ends the decoding after L levels.
 """
 
+import dataclasses
+import functools
 import json
 import math
+import os
 import random
 import re
+import sys
+import unicodedata
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +47,13 @@ class ModelConfig:
     rationale_file: str = ""       # cot: JSONL {"key": "<user>:<target>", "rationale": ..} replaces templates
     rationale_noise: float = 0.0   # cot: probability that a rationale is replaced by another item's template
     max_rationale_len: int = 16    # cot: rationale words kept (training) and decoded at most (inference)
+    backbone: str = "scratch"      # scratch | gpt2: pretrained GPT-2 (n_layer, n_head, d_model come from it)
+    gpt2_dir: str = ""             # gpt2: Hugging Face folder: config.json, model.safetensors or
+                                   #   pytorch_model.bin, vocab.json, merges.txt
+    gpt2_url: str = ""             # gpt2: base URL the four files are fetched from if gpt2_dir lacks them
+    prompt: str = "sids"           # sids | sids+titles: each history item as its title (GPT-2 BPE), then its SID
+    max_title_len: int = 24        # sids+titles: BPE tokens kept per title
+    train_only_new_tokens: bool = False  # gpt2: freeze the pretrained weights, train only the new token rows
 
     def __post_init__(self):
         for key in ("n_layer", "n_head", "d_model", "max_len"):
@@ -54,10 +67,21 @@ class ModelConfig:
             raise ValueError(f"model.reasoning must be none | pause | cot, got {self.reasoning!r}")
         if self.pause_layout not in ("target", "every_item"):
             raise ValueError(f"model.pause_layout must be target | every_item, got {self.pause_layout!r}")
-        if self.num_pauses < 0 or self.max_rationale_len < 0:
-            raise ValueError("model.num_pauses and model.max_rationale_len must be >= 0")
+        for key in ("num_pauses", "max_rationale_len"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"model.{key} must be >= 0, got {getattr(self, key)}")
         if not 0.0 <= self.rationale_noise <= 1.0:
             raise ValueError(f"model.rationale_noise must be in [0, 1], got {self.rationale_noise}")
+        if self.backbone not in ("scratch", "gpt2"):
+            raise ValueError(f"model.backbone must be scratch | gpt2, got {self.backbone!r}")
+        if self.backbone == "gpt2" and not self.gpt2_dir:
+            raise ValueError("model.backbone=gpt2 needs model.gpt2_dir (a Hugging Face GPT-2 folder)")
+        if self.prompt not in ("sids", "sids+titles"):
+            raise ValueError(f"model.prompt must be sids | sids+titles, got {self.prompt!r}")
+        if self.backbone == "scratch" and (self.prompt != "sids" or self.train_only_new_tokens):
+            raise ValueError("model.prompt=sids+titles and model.train_only_new_tokens need model.backbone=gpt2")
+        if self.max_title_len < 0:
+            raise ValueError(f"model.max_title_len must be >= 0, got {self.max_title_len}")
 
 
 class KVCache:
@@ -267,17 +291,21 @@ class Tokens:
     """The vocabulary: 6 specials, then one contiguous token range per SID level, then rationale words.
 
     SID level l, code c -> token offsets[l] + c. Built from the code sizes per level; with `codes`
-    [N, L] it also maps item indices to their SID tokens (`sid(item)`).
+    [N, L] it also maps item indices to their SID tokens (`sid(item)`). With a pretrained backbone
+    all our tokens come after its text vocabulary: `base` (GPT-2: 50257) is added to every id, so
+    use tok.PAD, tok.BOS, .. (the class constants are the ids of base 0, the from-scratch layout).
     """
 
     PAD, BOS, EOS, PAUSE, THINK, END_THINK = range(6)
     SPECIALS = ("<pad>", "<bos>", "<eos>", "<pause>", "<think>", "</think>")
 
-    def __init__(self, level_sizes, words=(), codes=None):
+    def __init__(self, level_sizes, words=(), codes=None, base: int = 0):
         self.level_sizes = [int(s) for s in level_sizes]
         if not self.level_sizes or min(self.level_sizes) <= 0:
             raise ValueError(f"Tokens: level sizes must be a non-empty list of ints > 0, got {level_sizes}")
-        self.offsets, n = [], len(self.SPECIALS)
+        self.base = base          # text tokens 0..base-1 (GPT-2's BPE vocabulary), none from scratch
+        self.PAD, self.BOS, self.EOS, self.PAUSE, self.THINK, self.END_THINK = range(base, base + 6)
+        self.offsets, n = [], base + len(self.SPECIALS)
         for s in self.level_sizes:
             self.offsets.append(n)
             n += s
@@ -285,6 +313,7 @@ class Tokens:
         self.words = list(dict.fromkeys(words))  # unique, order kept
         self.word_index = {w: n + i for i, w in enumerate(self.words)}
         self.size = n + len(self.words)
+        self.item_titles = None  # prompt sids+titles: per item, its title's text token ids (set by make_tokens)
         self.item_sids = None  # per item, its L token ids (a list of lists: fast in the example builders)
         if codes is not None:
             codes = torch.as_tensor(np.asarray(codes), dtype=torch.long)
@@ -295,9 +324,9 @@ class Tokens:
             self.item_sids = (codes + torch.tensor(self.offsets)).tolist()
 
     @classmethod
-    def from_codes(cls, codes, words=()):
+    def from_codes(cls, codes, words=(), base: int = 0):
         codes = torch.as_tensor(np.asarray(codes), dtype=torch.long)
-        return cls((codes.max(0).values + 1).tolist(), words, codes)
+        return cls((codes.max(0).values + 1).tolist(), words, codes, base)
 
     @property
     def num_levels(self) -> int:
@@ -320,8 +349,10 @@ class Tokens:
         out = []
         for t in ids:
             t = int(t)
-            if t < len(self.SPECIALS):
-                out.append(self.SPECIALS[t])
+            if t < self.base:
+                out.append(f"#{t}")  # a text token
+            elif t < self.base + len(self.SPECIALS):
+                out.append(self.SPECIALS[t - self.base])
             elif t >= self.word_start:
                 out.append(self.words[t - self.word_start])
             else:
@@ -342,14 +373,36 @@ def _history(tok: Tokens, cfg: ModelConfig, history, supervise: bool):
     """[BOS] + history SIDs (with M pauses before each item in the every_item layout), and its loss mask.
 
     loss_on_history supervises every history item's SID tokens except the first item's (which has no
-    history to be predicted from). Pauses are never supervised.
+    history to be predicted from). Pauses are never supervised; nor are titles (prompt sids+titles,
+    where each item is its title's text tokens followed by its SID).
     """
     M = num_pauses(cfg) if cfg.pause_layout == "every_item" else 0
-    ids, mask = [Tokens.BOS], [False]
+    titles = tok.item_titles
+    ids, mask = [tok.BOS], [False]
     for i, item in enumerate(history):
-        ids += [Tokens.PAUSE] * M + tok.sid(item)
-        mask += [False] * M + [supervise and i > 0] * tok.num_levels
+        text = titles[item] if titles is not None else []
+        ids += [tok.PAUSE] * M + text + tok.sid(item)
+        mask += [False] * (M + len(text)) + [supervise and i > 0] * tok.num_levels
     return ids, mask
+
+
+def _fit(tok: Tokens, cfg: ModelConfig, history, reserve: int):
+    """Titled prompts: the newest history items that fit model.max_len with `reserve` tokens after them
+    (the oldest go first). SID-only prompts are returned whole (and fail loudly in _check_len)."""
+    if tok.item_titles is None:
+        return history
+    M = num_pauses(cfg) if cfg.pause_layout == "every_item" else 0
+    room, n = cfg.max_len - 1 - reserve, len(history)  # 1: BOS
+    while n > 0 and room >= (cost := M + len(tok.item_titles[history[n - 1]]) + tok.num_levels):
+        room, n = room - cost, n - 1
+    return history[n:]
+
+
+def _reserve(tok: Tokens, cfg: ModelConfig) -> int:
+    """Tokens after the history, up to the end of the target: pauses or the longest rationale, then the SID."""
+    if cfg.reasoning == "cot":
+        return cfg.max_rationale_len + 2 + tok.num_levels
+    return num_pauses(cfg) + tok.num_levels
 
 
 def _check_len(ids, cfg: ModelConfig):
@@ -360,11 +413,11 @@ def _check_len(ids, cfg: ModelConfig):
 
 def build_prompt(tok: Tokens, cfg: ModelConfig, history: list[int]) -> list[int]:
     """What inference prefills: [BOS] history, then M pauses (pause) or <think> (cot)."""
-    ids, _ = _history(tok, cfg, history, False)
+    ids, _ = _history(tok, cfg, _fit(tok, cfg, history, _reserve(tok, cfg)), False)
     if cfg.reasoning == "cot":
-        ids.append(Tokens.THINK)
+        ids.append(tok.THINK)
     else:
-        ids += [Tokens.PAUSE] * num_pauses(cfg)
+        ids += [tok.PAUSE] * num_pauses(cfg)
     return _check_len(ids, cfg)
 
 
@@ -377,16 +430,19 @@ def build_example(tok: Tokens, cfg: ModelConfig, history: list[int], target: int
              [BOS] (<pause>*M sid(h1)) .. (<pause>*M sid(hn)) <pause>*M sid(target)   ('every_item')
       cot  : [BOS] sid(h1) .. sid(hn) <think> w1 .. wk </think> sid(target)
     Supervised: the target's SID tokens, plus the rationale words and </think> in cot.
+    With prompt sids+titles every sid(h) is preceded by h's title, and the oldest items are dropped
+    until the example fits model.max_len.
     """
+    history = _fit(tok, cfg, history, _reserve(tok, cfg))
     ids, mask = _history(tok, cfg, history, cfg.loss_on_history)
     if cfg.reasoning == "cot":
         if rationale is None:
             raise ValueError("build_example: reasoning=cot needs a rationale (token ids)")
         words = list(rationale)[: cfg.max_rationale_len]
-        ids += [Tokens.THINK] + words + [Tokens.END_THINK]
+        ids += [tok.THINK] + words + [tok.END_THINK]
         mask += [False] + [True] * (len(words) + 1)
     else:
-        ids += [Tokens.PAUSE] * num_pauses(cfg)
+        ids += [tok.PAUSE] * num_pauses(cfg)
         mask += [False] * num_pauses(cfg)
     ids += tok.sid(target)
     mask += [True] * tok.num_levels
@@ -403,16 +459,18 @@ def build_sequence_example(tok: Tokens, cfg: ModelConfig, items: list[int]) -> t
     if cfg.reasoning == "cot" or (num_pauses(cfg) > 0 and cfg.pause_layout != "every_item"):
         raise ValueError("build_sequence_example needs model.reasoning=none, or pause with "
                          "model.pause_layout=every_item")
+    items = _fit(tok, cfg, items, 0)
     if len(items) < 2:
-        raise ValueError(f"build_sequence_example needs >= 2 items, got {len(items)}")
+        raise ValueError(f"build_sequence_example needs >= 2 items (that fit model.max_len), got {len(items)}")
     ids, mask = _history(tok, cfg, items, True)
     return _check_len(ids, cfg), mask
 
 
-def collate(examples) -> tuple[torch.Tensor, torch.Tensor]:
-    """List of (ids, loss_mask) -> ids [B, T] right-padded with PAD, loss_mask [B, T] bool (False on pads)."""
+def collate(examples, pad: int = Tokens.PAD) -> tuple[torch.Tensor, torch.Tensor]:
+    """List of (ids, loss_mask) -> ids [B, T] right-padded with pad (tok.PAD), loss_mask [B, T] bool
+    (False on pads)."""
     T = max(len(ids) for ids, _ in examples)
-    ids = torch.full((len(examples), T), Tokens.PAD, dtype=torch.long)
+    ids = torch.full((len(examples), T), pad, dtype=torch.long)
     mask = torch.zeros((len(examples), T), dtype=torch.bool)
     for i, (x, m) in enumerate(examples):
         ids[i, : len(x)] = torch.tensor(x)
@@ -420,10 +478,10 @@ def collate(examples) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
-def left_pad(prompts: list[list[int]], device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prompts -> ids [B, T] left-padded with PAD, key_mask [B, T] bool (True = real token)."""
+def left_pad(prompts: list[list[int]], device=None, pad: int = Tokens.PAD) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts -> ids [B, T] left-padded with pad (tok.PAD), key_mask [B, T] bool (True = real token)."""
     T = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), T), Tokens.PAD, dtype=torch.long)
+    ids = torch.full((len(prompts), T), pad, dtype=torch.long)
     mask = torch.zeros((len(prompts), T), dtype=torch.bool)
     for i, p in enumerate(prompts):
         if p:
@@ -562,24 +620,24 @@ def _decode_rationale(model: GPT, tok: Tokens, cfg: ModelConfig, cache: KVCache,
     B, V = logits.shape
     allowed = torch.zeros(V, dtype=torch.bool, device=logits.device)
     allowed[tok.word_start:] = True
-    allowed[Tokens.END_THINK] = True
+    allowed[tok.END_THINK] = True
     done = torch.zeros(B, dtype=torch.bool, device=logits.device)
     sid_logits = torch.empty_like(logits)
     steps = []
     for step in range(cfg.max_rationale_len + 1):
         nxt = logits.masked_fill(~allowed, float("-inf")).argmax(-1)
         if step == cfg.max_rationale_len:
-            nxt.fill_(Tokens.END_THINK)
-        nxt = torch.where(done, Tokens.PAD, nxt)
+            nxt.fill_(tok.END_THINK)
+        nxt = torch.where(done, tok.PAD, nxt)
         steps.append(nxt)
         logits = model(nxt[:, None], key_mask=~done[:, None], cache=cache, select="last")
-        ended = (nxt == Tokens.END_THINK) & ~done
+        ended = (nxt == tok.END_THINK) & ~done
         sid_logits[ended] = logits[ended]
         done |= ended
         if bool(done.all()):
             break
     seq = torch.stack(steps, 1).tolist()
-    rationales = [[t for t in row if t not in (Tokens.PAD, Tokens.END_THINK)] for row in seq]
+    rationales = [[t for t in row if t not in (tok.PAD, tok.END_THINK)] for row in seq]
     return sid_logits, rationales
 
 
@@ -606,7 +664,7 @@ def beam_search(model: GPT, tok: Tokens, cfg: ModelConfig, trie: SIDTrie, prompt
         trie.to(dev)
     if not prompts or min(len(p) for p in prompts) == 0:
         raise ValueError("beam_search: prompts must be non-empty token lists (start with BOS)")
-    ids, key_mask = left_pad(prompts, dev)
+    ids, key_mask = left_pad(prompts, dev, tok.PAD)
     B, L = ids.shape[0], trie.num_levels
     cache = KVCache()
     logits = model(ids, key_mask=key_mask, cache=cache, select="last")          # [B, V]: one parallel prefill
@@ -660,3 +718,212 @@ def score_items(model: GPT, tok: Tokens, cfg: ModelConfig, prompt: list[int], it
         out.append(torch.log_softmax(logits.float(), -1).gather(2, sids[..., None]).sum((1, 2)))
     model.train(was_training)
     return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6. GPT-2 backbone: weights from a Hugging Face folder, byte-level BPE tokenizer (no `transformers`)
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def read_safetensors(path) -> dict[str, torch.Tensor]:
+    """A .safetensors file: 8-byte little-endian header length, JSON header {name: {dtype, shape,
+    data_offsets}} (offsets relative to the end of the header), then the raw little-endian tensors."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        buf = bytearray(f.read())  # writable: torch.frombuffer warns on read-only memory
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, not one of {list(SAFETENSORS_DTYPES)}")
+        dtype, (a, b) = SAFETENSORS_DTYPES[info["dtype"]], info["data_offsets"]
+        count = (b - a) // dtype.itemsize
+        t = torch.frombuffer(buf, dtype=dtype, count=count, offset=a) if count else torch.empty(0, dtype=dtype)
+        out[name] = t.view(info["shape"])
+    return out
+
+
+def gpt2_config(model_dir) -> dict:
+    """config.json of a GPT-2 folder, checked against what our decoder implements."""
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: model.gpt2_dir must be a Hugging Face GPT-2 folder "
+                                f"(or set model.gpt2_url to fetch one)")
+    with open(path) as f:
+        hf = json.load(f)
+    unsupported = {"activation_function": ("gelu_new", "gelu_pytorch_tanh"), "scale_attn_weights": (True,),
+                   "scale_attn_by_inverse_layer_idx": (False,), "reorder_and_upcast_attn": (False,),
+                   "n_inner": (None, 4 * hf["n_embd"])}
+    for key, ok in unsupported.items():
+        if hf.get(key, ok[0]) not in ok:
+            raise ValueError(f"{path}: {key}={hf[key]!r} is not supported (expected one of {ok})")
+    return hf
+
+
+def load_gpt2(model_dir) -> tuple[dict[str, torch.Tensor], dict]:
+    """GPT-2 weights renamed to our GPT's parameters (float32), and the folder's config.json.
+
+    Hugging Face names 'transformer.h.0.attn.c_attn.weight' (or without 'transformer.') map to ours
+    unchanged, but GPT-2's Conv1D layers store weights [in, out]: c_attn, c_proj and c_fc are transposed
+    into nn.Linear's [out, in]. The attention mask buffers (attn.bias, attn.masked_bias) and the tied
+    lm_head are dropped.
+    """
+    hf = gpt2_config(model_dir)
+    st, pt = os.path.join(model_dir, "model.safetensors"), os.path.join(model_dir, "pytorch_model.bin")
+    if os.path.isfile(st):
+        raw = read_safetensors(st)
+    elif os.path.isfile(pt):
+        raw = torch.load(pt, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{model_dir} holds neither model.safetensors nor pytorch_model.bin")
+    out = {}
+    for name, t in raw.items():
+        name = name.removeprefix("transformer.")
+        if name.endswith((".attn.bias", ".attn.masked_bias")) or name == "lm_head.weight":
+            continue
+        if name.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            t = t.t()
+        out["transformer." + name] = t.float().contiguous()
+    return out, hf
+
+
+def make_model(cfg: ModelConfig, tok: Tokens, pretrained: bool = True) -> GPT:
+    """The decoder for cfg.backbone. gpt2: sizes from config.json (n_layer, n_head, d_model replace the
+    config's), positions cut to model.max_len, and with `pretrained` the weights loaded; our tokens'
+    rows (ids tok.base..) are appended to GPT-2's embedding, each initialised to the mean pretrained row.
+    """
+    if cfg.backbone == "scratch":
+        return GPT(cfg, tok.size)
+    hf = gpt2_config(cfg.gpt2_dir)
+    if cfg.max_len > hf["n_positions"]:
+        raise ValueError(f"model.max_len={cfg.max_len} exceeds GPT-2's n_positions={hf['n_positions']}")
+    if tok.base != hf["vocab_size"]:
+        raise ValueError(f"Tokens were built for a text vocabulary of {tok.base}, GPT-2 has {hf['vocab_size']}")
+    model = GPT(dataclasses.replace(cfg, n_layer=hf["n_layer"], n_head=hf["n_head"], d_model=hf["n_embd"]),
+                tok.size)
+    for m in model.modules():
+        if isinstance(m, nn.LayerNorm):
+            m.eps = hf.get("layer_norm_epsilon", 1e-5)
+    if pretrained:
+        sd, _ = load_gpt2(cfg.gpt2_dir)
+        wte = sd["transformer.wte.weight"]
+        if wte.shape[0] != tok.base:
+            raise ValueError(f"{cfg.gpt2_dir}: wte has {wte.shape[0]} rows, config.json says {tok.base}")
+        sd["transformer.wte.weight"] = torch.cat([wte, wte.mean(0).expand(tok.size - tok.base, -1)])
+        sd["lm_head.weight"] = sd["transformer.wte.weight"]
+        sd["transformer.wpe.weight"] = sd["transformer.wpe.weight"][: cfg.max_len]
+        model.load_state_dict(sd)
+    if cfg.train_only_new_tokens:
+        for name, p in model.named_parameters():
+            p.requires_grad_(name == "transformer.wte.weight")
+        base = tok.base  # wte is one tensor (tied with lm_head): zero the gradient of the pretrained rows
+        model.transformer.wte.weight.register_hook(lambda g: torch.cat([torch.zeros_like(g[:base]), g[base:]]))
+    return model
+
+
+def make_tokens(cfg: ModelConfig, codes, words=(), item_meta=None) -> Tokens:
+    """Tokens for cfg.backbone: from scratch ours only; gpt2 ours after GPT-2's text vocabulary, and with
+    prompt sids+titles every item's title as BPE tokens (' ' + title, at most max_title_len)."""
+    if cfg.backbone == "scratch":
+        return Tokens.from_codes(codes, words)
+    tok = Tokens.from_codes(codes, words, base=gpt2_config(cfg.gpt2_dir)["vocab_size"])
+    if cfg.prompt == "sids+titles":
+        bpe = BPETokenizer(cfg.gpt2_dir)
+        if len(bpe.encoder) > tok.base:
+            raise ValueError(f"vocab.json has {len(bpe.encoder)} tokens, more than GPT-2's vocab_size {tok.base}")
+        tok.item_titles = [bpe.encode(" " + m["title"])[: cfg.max_title_len] if m.get("title") else []
+                           for m in item_meta]
+    return tok
+
+
+@functools.cache
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table: printable Latin-1 bytes map to themselves, the other
+    68 (controls, space, ...) to chr(256 + i), so every byte string is a string without whitespace."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+@functools.cache
+def gpt2_pretokenizer() -> re.Pattern:
+    r"""GPT-2's pre-tokenisation rule for Python's `re`, which lacks \p{..}:
+        's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+    \p{L} (letters) and \p{N} (numbers) are built as explicit classes from unicodedata's categories,
+    exact for this Python's Unicode version. \s is the Unicode White_Space set (as in `regex` and
+    `tokenizers`), not re's \s, which also matches the separators \x1c-\x1f.
+    """
+    def ranges(keep):
+        out, start = [], None
+        for cp in range(sys.maxunicode + 2):
+            inside = cp <= sys.maxunicode and keep(unicodedata.category(chr(cp)))
+            if inside and start is None:
+                start = cp
+            elif not inside and start is not None:
+                out.append(f"\\U{start:08x}-\\U{cp - 1:08x}")
+                start = None
+        return "".join(out)
+
+    L, N = ranges(lambda c: c[0] == "L"), ranges(lambda c: c[0] == "N")
+    S = r"\t-\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+    return re.compile(rf"'s|'t|'re|'ve|'m|'ll|'d| ?[{L}]+| ?[{N}]+| ?[^{S}{L}{N}]+|[{S}]+(?![^{S}])|[{S}]+")
+
+
+class BPETokenizer:
+    """GPT-2's byte-level BPE: text -> pre-tokens (gpt2_pretokenizer) -> UTF-8 bytes -> printable
+    characters (bytes_to_unicode) -> repeatedly merge the adjacent pair of lowest rank in merges.txt ->
+    ids in vocab.json. decode() inverts it (invalid UTF-8 becomes U+FFFD, as errors='replace')."""
+
+    def __init__(self, model_dir):
+        with open(os.path.join(model_dir, "vocab.json"), encoding="utf-8") as f:
+            self.encoder = json.load(f)
+        self.decoder = {v: k for k, v in self.encoder.items()}
+        with open(os.path.join(model_dir, "merges.txt"), encoding="utf-8") as f:
+            lines = [ln for ln in f.read().split("\n") if ln and not ln.startswith("#version")]
+        self.ranks = {tuple(ln.split()): i for i, ln in enumerate(lines)}
+        self.byte_char = bytes_to_unicode()
+        self.char_byte = {c: b for b, c in self.byte_char.items()}
+        self.pattern = gpt2_pretokenizer()
+        self.cache = {}  # pre-token -> its BPE pieces
+
+    def bpe(self, token: str) -> list[str]:
+        if token in self.cache:
+            return self.cache[token]
+        word = list(token)
+        while len(word) > 1:
+            pair = min(zip(word, word[1:]), key=lambda p: self.ranks.get(p, math.inf))
+            if pair not in self.ranks:
+                break
+            merged, i = [], 0
+            while i < len(word):  # merge every occurrence of the pair, left to right
+                if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+                    merged.append(word[i] + word[i + 1])
+                    i += 2
+                else:
+                    merged.append(word[i])
+                    i += 1
+            word = merged
+        self.cache[token] = word
+        return word
+
+    def encode(self, text: str) -> list[int]:
+        ids = []
+        for piece in self.pattern.findall(text):
+            chars = "".join(self.byte_char[b] for b in piece.encode("utf-8"))
+            try:
+                ids += [self.encoder[p] for p in self.bpe(chars)]
+            except KeyError as e:
+                raise ValueError(f"BPE piece {e.args[0]!r} is not in vocab.json (an incomplete vocabulary?)") from e
+        return ids
+
+    def decode(self, ids) -> str:
+        data = bytes(self.char_byte[c] for i in ids for c in self.decoder[int(i)])
+        return data.decode("utf-8", errors="replace")

@@ -1,0 +1,465 @@
+"""Tests of the GPT-2 backbone: safetensors reader, weight import, byte-level BPE, titled prompts, fetch.
+
+Checkpoints here are tiny and random, written by the tests in the Hugging Face layout (Conv1D weights
+[in, out], names with 'transformer.'), so most tests need no `transformers`; those that compare with
+it (logits, tokenizer, generate) are skipped where it is absent.
+"""
+
+import collections
+import functools
+import http.server
+import json
+import os
+import random
+import re
+import struct
+import sys
+import threading
+import unicodedata
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from test_train import tiny_args  # noqa: E402
+
+import evaluate  # noqa: E402
+import pauserec as pr  # noqa: E402
+import train  # noqa: E402
+
+torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
+
+CORPUS = """The quick brown fox jumps over the lazy dog. Hello world! It's 2024, isn't it? We're here;
+they'll see. I'd say you've got 3.14 reasons, 1,000 items at $9.99 each. Nail polish top coat,
+lip gloss & mascara (waterproof) - 12 pack. Café crème brûlée, naïve résumé, Straße, Ελληνικά,
+русский текст, 日本語のテキスト, 한국어, emoji 😀🎉 and tabs\tnew\nlines  double  spaces."""
+STRINGS = [
+    "", " ", "  ", "\n", "\n\n", " \n ", "\t\t x", "a  b", "a\n\nb", "ends with space ", "ends with spaces   ",
+    "Hello world", " Hello world", "HELLO", "it's", "It'S", "don't", "we'll", "I'm", "you've", "they're",
+    "I'd", "'s", "''", "'sx", "x's's", "123", " 123", "1,234.56", "½ cup", "Ⅻ chapters", "²³", "٣٤٥ arabic digits",
+    "x²", "3rd", "a1b2", "foo_bar", "__init__", "snake_case_2", "e-mail", "U.S.A.", "!!!", " ?!", "...", "$$$ 99",
+    "café", "naïve", "Straße", "ΑΒΓ αβγ", "Привет мир", "日本語", "中文 字符", "한국어", "😀", "a😀b", " 😀 ",
+    "👩‍👩‍👧", "e\u0301", "\u00a0nbsp", "a\u2003b", "a\u3000b", "\u200b zero width", "x\u1680y", "\x1c\x1d\x1e\x1f",
+    "a\x1cb", "\x85", "\r\n", "\x0b\x0c", "\u2028\u2029", "tab\t", "\x00nul", "ǅ title case", "ʰ modifier",
+    "ﬁ ligature", "Ⓐ circled", "𝔘𝔫𝔦𝔠𝔬𝔡𝔢", "\U0001d7d8 math digit", "🇫🇷 flag",
+]
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def write_safetensors(path, tensors, metadata=None):
+    """The format by hand: 8-byte little-endian header size, JSON header, raw tensor bytes."""
+    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+    header, blobs, offset = {}, [], 0
+    if metadata:
+        header["__metadata__"] = metadata
+    for name, t in tensors.items():
+        raw = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
+        blobs.append(raw)
+        offset += len(raw)
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    Path(path).write_bytes(struct.pack("<Q", len(head)) + head + b"".join(blobs))
+
+
+def train_bpe(corpus: str, num_merges: int):
+    """A small byte-level BPE vocabulary (GPT-2's recipe): count pairs in pre-tokens, merge the commonest."""
+    b2u = pr.bytes_to_unicode()
+    words = collections.Counter(tuple(b2u[b] for b in piece.encode()) for piece in
+                                pr.gpt2_pretokenizer().findall(corpus))
+    vocab = list(b2u.values())
+    merges = []
+    for _ in range(num_merges):
+        pairs = collections.Counter()
+        for w, n in words.items():
+            for p in zip(w, w[1:]):
+                pairs[p] += n
+        if not pairs:
+            break
+        best = max(pairs, key=lambda p: (pairs[p], p))
+        merges.append(best)
+        vocab.append(best[0] + best[1])
+        new = collections.Counter()
+        for w, n in words.items():
+            out, i = [], 0
+            while i < len(w):
+                if i + 1 < len(w) and (w[i], w[i + 1]) == best:
+                    out.append(w[i] + w[i + 1])
+                    i += 2
+                else:
+                    out.append(w[i])
+                    i += 1
+            new[tuple(out)] += n
+        words = new
+    return {t: i for i, t in enumerate(vocab + ["<|endoftext|>"])}, merges
+
+
+@functools.cache
+def bpe_files():
+    return train_bpe(CORPUS * 3, 200)
+
+
+def write_tokenizer(folder):
+    vocab, merges = bpe_files()
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+    return len(vocab)
+
+
+def write_checkpoint(folder, n_layer=2, n_head=2, n_embd=32, n_positions=64, seed=0, prefix="transformer.",
+                     fmt="safetensors", buffers=False):
+    """A random GPT-2 in the Hugging Face layout (Conv1D weights [in, out]), with its tokenizer files."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    V = write_tokenizer(folder)
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g) * 0.2  # noqa: E731
+    C = n_embd
+    sd = {"wte.weight": r(V, C), "wpe.weight": r(n_positions, C), "ln_f.weight": 1 + r(C), "ln_f.bias": r(C)}
+    for i in range(n_layer):
+        h = f"h.{i}."
+        sd.update({h + "ln_1.weight": 1 + r(C), h + "ln_1.bias": r(C), h + "ln_2.weight": 1 + r(C),
+                   h + "ln_2.bias": r(C), h + "attn.c_attn.weight": r(C, 3 * C), h + "attn.c_attn.bias": r(3 * C),
+                   h + "attn.c_proj.weight": r(C, C), h + "attn.c_proj.bias": r(C),
+                   h + "mlp.c_fc.weight": r(C, 4 * C), h + "mlp.c_fc.bias": r(4 * C),
+                   h + "mlp.c_proj.weight": r(4 * C, C), h + "mlp.c_proj.bias": r(C)})
+        if buffers:  # what old checkpoints (openai-community/gpt2) also hold
+            sd[h + "attn.bias"] = torch.ones(1, 1, n_positions, n_positions).tril()
+    sd = {prefix + k: v for k, v in sd.items()}
+    if fmt == "safetensors":
+        write_safetensors(folder / "model.safetensors", sd, {"format": "pt"})
+    else:
+        torch.save(sd, folder / "pytorch_model.bin")
+    config = {"model_type": "gpt2", "n_layer": n_layer, "n_head": n_head, "n_embd": n_embd,
+              "n_positions": n_positions, "vocab_size": V, "layer_norm_epsilon": 1e-5,
+              "activation_function": "gelu_new"}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def gpt2_setup(folder, **kw):
+    cfg = pr.ModelConfig(backbone="gpt2", gpt2_dir=str(folder), max_len=kw.pop("max_len", 64), **kw)
+    codes = torch.tensor([[0, 1, 0], [1, 0, 2], [1, 2, 1], [2, 2, 0], [0, 0, 1]])
+    meta = [{"title": t} for t in ("Nail polish top coat", "Lip gloss, 12 pack", None, "Crème brûlée mask",
+                                   "Waterproof mascara")]
+    tok = pr.make_tokens(cfg, codes, (), meta)
+    return cfg, tok, codes, meta
+
+
+# ----------------------------------------------------------------------------------------------- safetensors
+
+
+def test_safetensors_reader_hand_written_file(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(3, 4, generator=g), "b.half": torch.randn(5, generator=g).half(),
+               "c.bf16": torch.randn(2, 2, 2, generator=g).bfloat16(), "empty": torch.zeros(0, 3),
+               "scalar": torch.tensor(7.0)}
+    write_safetensors(tmp_path / "x.safetensors", tensors, {"format": "pt"})
+    got = pr.read_safetensors(tmp_path / "x.safetensors")
+    assert set(got) == set(tensors)
+    for k, t in tensors.items():
+        assert got[k].dtype == t.dtype and got[k].shape == t.shape and torch.equal(got[k], t), k
+
+
+def test_safetensors_reader_matches_the_library(tmp_path):
+    st = pytest.importorskip("safetensors.torch")
+    tensors = {"w": torch.randn(4, 6), "h": torch.randn(3).half(), "bf": torch.randn(2, 5).bfloat16()}
+    st.save_file(tensors, str(tmp_path / "y.safetensors"))
+    got = pr.read_safetensors(tmp_path / "y.safetensors")
+    for k, t in tensors.items():
+        assert torch.equal(got[k], t), k
+
+
+# ----------------------------------------------------------------------------------------------- weights
+
+
+@pytest.mark.parametrize("prefix,fmt,buffers", [("transformer.", "safetensors", False), ("", "safetensors", True),
+                                                ("transformer.", "bin", True)])
+def test_load_gpt2_maps_names_and_transposes_conv1d(tmp_path, prefix, fmt, buffers):
+    folder = write_checkpoint(tmp_path / "ckpt", prefix=prefix, fmt=fmt, buffers=buffers)
+    sd, hf = pr.load_gpt2(folder)
+    assert hf["n_layer"] == 2
+    cfg, tok, _, _ = gpt2_setup(folder)
+    model = pr.make_model(cfg, tok)
+    ours = model.state_dict()
+    assert set(sd) | {"lm_head.weight"} == set(ours)
+    assert ours["transformer.h.1.attn.c_attn.weight"].shape == (96, 32)    # nn.Linear [out, in]
+    assert torch.equal(ours["transformer.h.1.mlp.c_fc.weight"], sd["transformer.h.1.mlp.c_fc.weight"])
+    wte = model.transformer.wte.weight
+    assert wte.shape[0] == tok.size and tok.PAD == tok.base == hf["vocab_size"]
+    new = wte[tok.base:]
+    assert torch.allclose(new, wte[: tok.base].mean(0).expand_as(new))    # new rows: mean of the pretrained
+    assert model.lm_head.weight is wte
+
+
+def test_config_checks(tmp_path):
+    with pytest.raises(ValueError, match="model.backbone"):
+        pr.ModelConfig(backbone="llama")
+    with pytest.raises(ValueError, match="gpt2_dir"):
+        pr.ModelConfig(backbone="gpt2")
+    with pytest.raises(ValueError, match="model.prompt"):
+        pr.ModelConfig(prompt="titles")
+    with pytest.raises(ValueError, match="need model.backbone=gpt2"):
+        pr.ModelConfig(prompt="sids+titles")
+    folder = write_checkpoint(tmp_path / "ckpt")
+    cfg, tok, _, _ = gpt2_setup(folder)
+    with pytest.raises(ValueError, match="n_positions"):
+        pr.make_model(pr.ModelConfig(backbone="gpt2", gpt2_dir=str(folder), max_len=65), tok)
+    conf = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(conf, activation_function="relu")))
+    with pytest.raises(ValueError, match="activation_function"):
+        pr.make_model(cfg, tok)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        pr.gpt2_config(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_logits_match_transformers(tmp_path, fmt):
+    """A tiny random GPT-2 built and saved by `transformers`, in both weight formats, loads into our decoder."""
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    V = write_tokenizer(folder)
+    torch.manual_seed(0)
+    ref = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=V, n_positions=64, n_embd=32, n_layer=2, n_head=2)).eval()
+    with torch.no_grad():  # larger than GPT-2's init, so that a wrong transpose cannot hide
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    if fmt == "safetensors":
+        ref.save_pretrained(str(folder))
+        assert (folder / "model.safetensors").is_file()
+    else:  # the legacy format: torch.save of the state dict (transformers 5 writes safetensors only)
+        ref.config.save_pretrained(str(folder))
+        torch.save(ref.state_dict(), folder / "pytorch_model.bin")
+    cfg, tok, _, _ = gpt2_setup(folder)
+    ours = pr.make_model(cfg, tok).eval()
+    ids = torch.randint(0, V, (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = ref(ids).logits
+        got = ours(ids)[..., : tok.base]
+    diff = (got - want).abs().max().item()
+    print(f"max abs logit difference ({fmt}): {diff:.2e}")
+    assert diff < 1e-4
+
+
+# ----------------------------------------------------------------------------------------------- tokenizer
+
+
+def many_strings():
+    r = random.Random(0)
+    words = CORPUS.split(" ") + [s for s in STRINGS if s]
+    out = list(STRINGS)
+    for _ in range(300):
+        out.append("".join(r.choice(words) + r.choice(["", " ", "  ", "\n", "\t", " \n", "'s ", "'ll"])
+                           for _ in range(r.randint(1, 6))))
+    return out
+
+
+def test_bpe_round_trip_and_pretokens(tmp_path):
+    write_tokenizer(tmp_path)
+    bpe = pr.BPETokenizer(tmp_path)
+    for s in many_strings():
+        assert bpe.decode(bpe.encode(s)) == s, repr(s)
+    pat = pr.gpt2_pretokenizer()
+    assert pat.findall("Hello world's  café 12 ½Ⅻ x²!!  \n\n  end  ") == [
+        "Hello", " world", "'s", " ", " café", " 12", " ½Ⅻ", " x", "²", "!!", "  \n\n ", " end", "  "]
+    assert pat.findall("It'S don't") == ["It", "'", "S", " don", "'t"]   # contractions are lower case only
+    assert pat.findall("a\x1cb") == ["a", "\x1c", "b"]                  # \x1c is not White_Space
+    assert bpe.decode([bpe.encoder["Ġ"]]) == " "
+    assert bpe.decode([bpe.encoder[pr.bytes_to_unicode()[0xC3]]]) == "\ufffd"   # half a character: replaced
+
+
+def test_pretokenizer_classes_equal_regex_module():
+    """\\p{L}, \\p{N} and \\s of `regex` (what GPT-2's own encoder.py used) over every code point."""
+    regex = pytest.importorskip("regex")
+    # exact for the code points this Python's Unicode version has assigned
+    text = "".join(chr(c) for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) not in ("Cn", "Cs"))
+    pat = pr.gpt2_pretokenizer().pattern
+    L = pat[pat.index(" ?[") + 2: pat.index("]+|")] + "]"
+    for ours, theirs in ((L, r"\p{L}"), (r"[\t-\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]", r"\s")):
+        assert re.findall(ours, text) == regex.findall(theirs, text), theirs
+    ref = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
+    for s in many_strings():
+        assert pr.gpt2_pretokenizer().findall(s) == ref.findall(s), repr(s)
+
+
+def test_tokenizer_matches_transformers(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    write_tokenizer(tmp_path)
+    ref = transformers.GPT2Tokenizer.from_pretrained(str(tmp_path))
+    ours = pr.BPETokenizer(tmp_path)
+    strings = many_strings()
+    assert len(strings) > 300
+    for s in strings:
+        want = ref.encode(s, add_special_tokens=False)
+        assert ours.encode(s) == want, repr(s)
+        assert ours.decode(want) == ref.decode(want, clean_up_tokenization_spaces=False), repr(s)
+
+
+# ----------------------------------------------------------------------------------------------- prompts
+
+
+def test_gpt2_token_layout_is_the_scratch_layout_shifted(tmp_path):
+    folder = write_checkpoint(tmp_path / "ckpt")
+    cfg, tok, codes, _ = gpt2_setup(folder, prompt="sids")
+    scratch = pr.Tokens.from_codes(codes)
+    b = tok.base
+    assert tok.item_titles is None and tok.size == scratch.size + b
+    ids, mask = pr.build_example(tok, cfg, [0, 3], 1)
+    ids0, mask0 = pr.build_example(scratch, pr.ModelConfig(max_len=64), [0, 3], 1)
+    assert ids == [t + b for t in ids0] and mask == mask0
+    assert tok.decode(ids) == scratch.decode(ids0)
+
+
+def test_titled_prompt_and_oldest_first_truncation(tmp_path):
+    folder = write_checkpoint(tmp_path / "ckpt")
+    cfg, tok, codes, meta = gpt2_setup(folder, prompt="sids+titles", num_pauses=2, max_len=64)
+    bpe = pr.BPETokenizer(folder)
+    assert tok.item_titles[0] == bpe.encode(" Nail polish top coat")[: cfg.max_title_len]
+    assert tok.item_titles[2] == []                                        # no title
+    ids, mask = pr.build_example(tok, cfg, [0, 2], 4)
+    want = [tok.BOS] + tok.item_titles[0] + tok.sid(0) + tok.sid(2) + [tok.PAUSE] * 2 + tok.sid(4)
+    assert ids == want
+    assert [i for i, m in enumerate(mask) if m] == list(range(len(ids) - 3, len(ids)))
+    assert pr.build_prompt(tok, cfg, [0, 2]) == want[:-3]
+    # a long history: the oldest items are dropped until prompt + pauses + target fit max_len
+    history = [0, 1, 3, 4, 0, 1, 3, 4, 0, 1, 3, 2]
+    ids, _ = pr.build_example(tok, cfg, history, 4)
+    assert len(ids) <= cfg.max_len
+    n = next(n for n in range(1, len(history) + 1) if pr.build_example(tok, cfg, history[-n:], 4)[0] == ids)
+    kept = history[-n:]
+    assert 1 < len(kept) < len(history)
+    assert ids[1: 1 + len(tok.item_titles[kept[0]])] == tok.item_titles[kept[0]]
+    cost = len(tok.item_titles[history[-len(kept) - 1]]) + 3               # the next older item would not fit
+    assert len(ids) + cost > cfg.max_len
+    prompt = pr.build_prompt(tok, cfg, history)
+    assert len(prompt) + tok.num_levels <= cfg.max_len
+
+
+def test_train_only_new_tokens_freezes_pretrained_weights(tmp_path):
+    folder = write_checkpoint(tmp_path / "ckpt")
+    cfg, tok, _, _ = gpt2_setup(folder, prompt="sids+titles", train_only_new_tokens=True)
+    model = pr.make_model(cfg, tok)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["transformer.wte.weight"]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    batch = pr.collate([pr.build_example(tok, cfg, [0, 1], 3), pr.build_example(tok, cfg, [2], 4)], tok.PAD)
+    for _ in range(3):
+        opt.zero_grad()
+        model.loss(*batch).backward()
+        opt.step()
+    after = model.state_dict()
+    for k, v in before.items():
+        if k not in ("transformer.wte.weight", "lm_head.weight"):
+            assert torch.equal(v, after[k]), k
+    wte0, wte1 = before["transformer.wte.weight"], after["transformer.wte.weight"]
+    assert torch.equal(wte0[: tok.base], wte1[: tok.base])                 # GPT-2's rows stay
+    assert not torch.equal(wte0[tok.base:], wte1[tok.base:])               # ours learn
+
+
+# ----------------------------------------------------------------------------------------------- fetch
+
+
+def serve(folder):
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_fetch_gpt2_from_local_http_server(tmp_path):
+    src = write_checkpoint(tmp_path / "hub")
+    server = serve(src)
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        cfg = pr.ModelConfig(backbone="gpt2", gpt2_dir=str(tmp_path / "local"), gpt2_url=url + "/")
+        train.fetch_gpt2(cfg)
+        for name in train.GPT2_FILES:
+            assert (tmp_path / "local" / name).read_bytes() == (src / name).read_bytes(), name
+        train.fetch_gpt2(cfg)  # all there: nothing to do
+        broken = pr.ModelConfig(backbone="gpt2", gpt2_dir=str(tmp_path / "other"), gpt2_url=url + "/missing")
+        with pytest.raises(OSError, match="fetching it failed"):
+            train.fetch_gpt2(broken)
+        assert not any((tmp_path / "other").iterdir())                        # no partial files
+    finally:
+        server.shutdown()
+        server.server_close()
+    offline = pr.ModelConfig(backbone="gpt2", gpt2_dir=str(tmp_path / "x"), gpt2_url=url)   # server is gone
+    with pytest.raises(OSError, match="offline"):
+        train.fetch_gpt2(offline)
+    with pytest.raises(FileNotFoundError, match="model.gpt2_url"):
+        train.fetch_gpt2(pr.ModelConfig(backbone="gpt2", gpt2_dir=str(tmp_path / "y")))
+
+
+# ----------------------------------------------------------------------------------------------- end to end
+
+
+def test_tiny_gpt2_run_with_titles_trains_and_evaluates(tmp_path):
+    folder = write_checkpoint(tmp_path / "gpt2", n_positions=96)
+    metrics = train.main(tiny_args(tmp_path, "train.epochs=2", "model.backbone=gpt2", f"model.gpt2_dir={folder}",
+                                   "model.prompt=sids+titles", "model.max_len=96", "model.max_title_len=8",
+                                   "train.lr=1e-2"))
+    run = tmp_path / "runs" / "demo"
+    losses = [r["loss"] for r in map(json.loads, open(run / "log.jsonl")) if "loss" in r]
+    assert losses and losses[-1] < losses[0]
+    assert set(metrics["test"]) >= {"recall@10", "ndcg@10"}
+    again = evaluate.main([str(run)])
+    assert again["ndcg@10"] == metrics["test"]["ndcg@10"]
+
+
+# ----------------------------------------------------------------------------------------------- peer check
+
+
+def prefix_allowed_tokens_fn(trie, tok, n):
+    """generate()'s constraint: the SID tokens that extend the decoded tokens (after the n prompt tokens)
+    to a prefix of a catalogue item, as MiniOneRec, LC-Rec and OneRec-Think build it."""
+    def allowed(_, ids):
+        p = 0
+        for d, t in enumerate(ids[n:].tolist()):
+            children, prefixes = trie.children(d, p)
+            p = prefixes[children.index(t - tok.offsets[d])]
+        return [tok.offsets[len(ids) - n] + c for c in trie.children(len(ids) - n, p)[0]]
+    return allowed
+
+
+def test_beam_search_matches_transformers_generate(tmp_path):
+    """Our trie-constrained beam search vs `generate(num_beams, prefix_allowed_tokens_fn)` on the same weights
+    (exported into GPT2LMHeadModel): the same top-k items, in the same order, with the same scores. All SIDs
+    have L tokens, so length_penalty=0 makes HF's beam score the summed log-prob, as ours."""
+    transformers = pytest.importorskip("transformers")
+    folder = write_checkpoint(tmp_path / "ckpt")
+    g = torch.Generator().manual_seed(3)
+    codes = torch.unique(torch.stack([torch.randint(0, s, (60,), generator=g) for s in (4, 5, 6)], 1), dim=0)
+    meta = [{"title": f"item {i} " + ("gloss" if i % 2 else "polish")} for i in range(len(codes))]
+    cfg = pr.ModelConfig(backbone="gpt2", gpt2_dir=str(folder), max_len=64, prompt="sids+titles", num_pauses=2)
+    tok = pr.make_tokens(cfg, codes, (), meta)
+    model = pr.make_model(cfg, tok).eval()
+    with torch.no_grad():  # distinct new rows, so that items get clearly different scores
+        model.transformer.wte.weight[tok.base:] += torch.randn(tok.size - tok.base, 32, generator=g) * 0.5
+    ref = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=tok.size, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=tok.BOS,
+        eos_token_id=tok.EOS, pad_token_id=tok.PAD)).eval()
+    conv1d = ("c_attn.weight", "c_proj.weight", "c_fc.weight")
+    missing, unexpected = ref.load_state_dict(
+        {k: v.t() if k.endswith(conv1d) else v for k, v in model.state_dict().items()}, strict=False)
+    assert not unexpected and all(k.endswith((".attn.bias", ".attn.masked_bias")) for k in missing)
+    trie = pr.SIDTrie(codes)
+    L, K = trie.num_levels, 10
+    r = random.Random(0)
+    prompts = [pr.build_prompt(tok, cfg, [r.randrange(len(codes)) for _ in range(r.randint(1, 4))]) for _ in range(4)]
+    items, scores = pr.beam_search(model, tok, cfg, trie, prompts, beam_size=K, topk=K)
+    for u, prompt in enumerate(prompts):
+        allowed = prefix_allowed_tokens_fn(trie, tok, len(prompt))
+        out = ref.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                           num_beams=K, num_return_sequences=K, max_new_tokens=L, min_new_tokens=L,
+                           do_sample=False, length_penalty=0.0, early_stopping=True,
+                           prefix_allowed_tokens_fn=allowed, output_scores=True, return_dict_in_generate=True)
+        theirs = [trie.lookup([t - o for t, o in zip(seq[-L:].tolist(), tok.offsets)]) for seq in out.sequences]
+        assert theirs == items[u].tolist(), u
+        assert torch.allclose(out.sequences_scores, scores[u], atol=1e-4), u
