@@ -266,7 +266,11 @@ def train_rqvae(emb, cfg, gen):
 # ----------------------------------------------------------------------------- unique SIDs, health
 
 def add_collision_level(codes):
-    """codes [N, L] -> [N, L + 1]: items sharing all L codes get 0..g-1 in item index order."""
+    """codes [N, L] -> [N, L + 1]: items sharing all L codes get 0..g-1 in item index order.
+
+    When no two items collide the extra level would always be 0: it is left out ([N, L] is returned),
+    since it would cost the model one token per item and tell it nothing.
+    """
     n = len(codes)
     group = torch.unique(codes, dim=0, return_inverse=True)[1]  # [N]
     order = torch.argsort(group, stable=True)
@@ -274,7 +278,7 @@ def add_collision_level(codes):
     start = torch.cumsum(counts, 0) - counts  # first position of each group in order
     extra = torch.empty(n, dtype=torch.long)
     extra[order] = torch.arange(n) - start[group[order]]
-    sids = torch.cat([codes, extra[:, None]], 1)
+    sids = torch.cat([codes, extra[:, None]], 1) if extra.any() else codes
     assert len(torch.unique(sids, dim=0)) == n, "SIDs are not unique"
     return sids
 
@@ -328,14 +332,23 @@ def build_sids(texts, cfg, categories=None):
 
 
 def save_sids(path, codes, settings, health):
-    tmp = f"{path}.tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"  # one per process: two runs building the same table don't collide
     torch.save({"codes": codes, "settings": settings, "health": health}, tmp)
     os.replace(tmp, path)  # atomic: a reader never sees half a file
 
 
-def load_sids(path):
-    d = torch.load(path, weights_only=True)
-    return d["codes"], d["settings"], d["health"]
+def load_sids(path, num_items=None):
+    """(codes [N, L], settings, health); with num_items, a table for another catalogue raises."""
+    try:
+        d = torch.load(path, weights_only=True)
+        codes, settings, health = d["codes"], d["settings"], d["health"]
+    except Exception as e:
+        first_line = str(e).partition("\n")[0]
+        raise ValueError(f"{path}: not a readable SID table ({type(e).__name__}: {first_line})") from None
+    if num_items is not None and len(codes) != num_items:
+        raise ValueError(f"{path}: the SID table has {len(codes)} items but the catalogue has {num_items} "
+                         f"(a stale or foreign file; a cached one can be deleted to rebuild it)")
+    return codes, settings, health
 
 
 def main(argv):
