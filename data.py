@@ -118,7 +118,8 @@ def find_files(cfg: DataConfig) -> tuple[Path, Path]:
         hint = (f"put {names[0]}.gz and {names[1]}.gz (or plain .json) in {where}, "
                 f"or point data.dir= to a folder holding them")
         if not cfg.download:
-            raise FileNotFoundError(f"{name}(.gz) not found in {', '.join(map(str, folders))}; {hint}, "
+            gone = f"data.dir={cfg.dir} does not exist: " if cfg.dir and not Path(cfg.dir).is_dir() else ""
+            raise FileNotFoundError(f"{gone}{name}(.gz) not found in {', '.join(map(str, folders))}; {hint}, "
                                     f"or set data.download=true to fetch them into {cfg.cache_dir}")
         dest = Path(cfg.cache_dir) / (name + ".gz")
         try:
@@ -337,9 +338,9 @@ def load_synthetic(cfg: DataConfig) -> Dataset:
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
-    if cfg.k_core < 1 or cfg.max_history < 1:
-        raise ValueError(f"data.k_core and data.max_history must be >= 1, "
-                         f"got {cfg.k_core} and {cfg.max_history}")
+    for key in ("k_core", "max_history"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"data.{key} must be >= 1, got {getattr(cfg, key)}")
     if cfg.source == "amazon":
         return load_amazon(cfg)
     if cfg.source == "synthetic":

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 import data
@@ -92,13 +93,13 @@ def baseline_metrics(sequences, split: str, ks=(5, 10)) -> dict:
 
 def recommend(model, tok, mcfg, trie, examples, beam_size: int, topk: int, batch_size: int,
               device="cpu", desc="beam search"):
-    """Top-k items [U, topk] for each example's history, in the examples' order."""
+    """Top-k items [U, topk] for each example's history, in the examples' order. desc=None: no progress bar."""
     prompts = [pauserec.build_prompt(tok, mcfg, ex.history) for ex in examples]
     # Batches of similar prompt length waste less compute on padding (which never changes results).
     order = sorted(range(len(prompts)), key=lambda u: len(prompts[u]))
     ranked = torch.full((len(prompts), topk), -1, dtype=torch.long)
     model.eval()
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, disable=None):
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, disable=None if desc else True):
         rows = order[start:start + batch_size]
         items, _ = pauserec.beam_search(model, tok, mcfg, trie, [prompts[u] for u in rows],
                                         beam_size=beam_size, topk=topk, device=device)
@@ -106,10 +107,19 @@ def recommend(model, tok, mcfg, trie, examples, beam_size: int, topk: int, batch
     return ranked
 
 
-def evaluate_model(model, tok, mcfg, trie, examples, cfg: EvalConfig, device="cpu", desc="eval") -> dict:
+def evaluate_model(model, tok, mcfg, trie, examples, cfg: EvalConfig, device="cpu", desc="eval",
+                   rank=0, world=1) -> dict:
+    """Metrics over examples. Under torchrun (world > 1) each rank ranks every world-th user and the
+    rankings are gathered, so every rank computes the same metrics (and early-stops alike)."""
     t0 = time.time()
-    ranked = recommend(model, tok, mcfg, trie, examples, cfg.beam_size, max(cfg.ks), cfg.batch_size,
-                       device, desc)
+    ranked = recommend(model, tok, mcfg, trie, examples[rank::world], cfg.beam_size, max(cfg.ks),
+                       cfg.batch_size, device, desc if rank == 0 else None)
+    if world > 1:
+        shards = [None] * world
+        dist.all_gather_object(shards, ranked)
+        ranked = torch.empty(len(examples), max(cfg.ks), dtype=torch.long)
+        for r, shard in enumerate(shards):
+            ranked[r::world] = shard
     metrics = rank_metrics(ranked, torch.tensor([ex.target for ex in examples]), cfg.ks)
     metrics["users"] = len(examples)
     metrics["seconds"] = round(time.time() - t0, 2)
@@ -130,13 +140,16 @@ def load_run(run_dir, overrides=(), device="cpu"):
                             "eval": EvalConfig}, ignore=("train",))
     check_eval_config(cfg["eval"])
     ds = data.load_dataset(cfg["data"])
-    codes, _, _ = sid.load_sids(run_dir / "sids.pt")
-    if codes.shape[0] != len(ds.item_ids):
-        raise ValueError(f"{run_dir / 'sids.pt'} has {codes.shape[0]} items, the data has {len(ds.item_ids)}")
+    codes, _, _ = sid.load_sids(run_dir / "sids.pt", len(ds.item_ids))
     checkpoint = torch.load(run_dir / "model.pt", map_location=device, weights_only=True)
-    tok = pauserec.Tokens.from_codes(codes, checkpoint["words"])
-    model = pauserec.GPT(cfg["model"], tok.size).to(device)
-    model.load_state_dict(checkpoint["model"])
+    tok = pauserec.make_tokens(cfg["model"], codes, checkpoint["words"], ds.item_meta)
+    model = pauserec.make_model(cfg["model"], tok, pretrained=False).to(device)
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as e:  # torch lists every mismatch, one per line: show the first
+        first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+        raise ValueError(f"{run_dir / 'model.pt'} does not fit the model of config.yaml + overrides "
+                         f"with sids.pt: {first[:160]}") from None
     return cfg, ds, codes, tok, model
 
 

@@ -3,6 +3,7 @@
     python train.py configs/demo.yaml                       # synthetic data, a few minutes on a CPU
     python train.py configs/beauty.yaml data.dir=PATH       # Amazon Beauty
     python train.py configs/beauty.yaml train.resume=true   # continue an interrupted run
+    torchrun --nproc_per_node=4 train.py configs/beauty.yaml data.dir=PATH   # data parallel on 4 GPUs
 
 Writes runs/<name>/: config.yaml, sids.pt, model.pt (best on validation NDCG@10), last.pt (for resume),
 log.jsonl and metrics.json. The test split is evaluated once, at the end, with the best checkpoint.
@@ -12,6 +13,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
@@ -34,7 +37,7 @@ class TrainConfig:
     out_dir: str = "runs"
     sid_cache: str = "cache/sids"  # SID tables cached by their data and sid settings
     seed: int = 0
-    device: str = "auto"         # auto | cpu | cuda | mps
+    device: str = "auto"         # auto | cpu | cuda | cuda:N | mps (under torchrun: cuda:LOCAL_RANK)
     threads: int = 0             # torch.set_num_threads (0: leave torch's default)
     epochs: int = 30
     batch_size: int = 256        # training sequences per step
@@ -46,6 +49,8 @@ class TrainConfig:
     patience: int = 5            # stop after this many validations without a better NDCG@10 (0: never)
     log_every: int = 50
     resume: bool = False         # continue runs/<name>/last.pt
+    amp: bool = False            # bf16 autocast in the training forward (meant for CUDA; works on CPU)
+    compile: bool = False        # torch.compile the training forward (evaluation runs uncompiled)
 
 
 SECTIONS = {"data": data.DataConfig, "sid": sid.SIDConfig, "model": pauserec.ModelConfig,
@@ -59,7 +64,10 @@ def check_train_config(cfg: TrainConfig):
     for key in ("lr", "grad_clip"):
         if getattr(cfg, key) <= 0:
             raise ValueError(f"train.{key} must be > 0, got {getattr(cfg, key)}")
-    if cfg.device not in ("auto", "cpu", "cuda", "mps") and not cfg.device.startswith("cuda:"):
+    for key in ("min_lr", "warmup_steps", "weight_decay", "patience", "threads"):
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"train.{key} must be >= 0, got {getattr(cfg, key)}")
+    if not re.fullmatch(r"auto|cpu|cuda|cuda:\d+|mps", cfg.device):
         raise ValueError(f"train.device must be auto, cpu, cuda, cuda:N or mps, got {cfg.device!r}")
 
 
@@ -68,6 +76,8 @@ def pick_device(name: str) -> str:
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"train.device={name} but torch sees no CUDA device")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise ValueError(f"train.device={name} but torch sees {torch.cuda.device_count()} CUDA device(s)")
     if name == "mps" and not torch.backends.mps.is_available():
         raise ValueError("train.device=mps but torch sees no MPS device")
     return name
@@ -90,13 +100,31 @@ def sid_table(cfg, ds, cache_dir: Path):
     key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir / f"sids-{key}.pt"
     if path.is_file():
-        codes, _, health = sid.load_sids(path)
+        codes, _, health = sid.load_sids(path, len(ds.item_ids))
         print(f"SID table loaded from {path}")
     else:
         codes, health = sid.build_sids(ds.item_text, cfg["sid"], [m["category"] for m in ds.item_meta])
         cache_dir.mkdir(parents=True, exist_ok=True)
         sid.save_sids(path, codes, settings, health)
     return codes, settings, health
+
+
+GPT2_FILES = ("config.json", "vocab.json", "merges.txt", "model.safetensors")
+
+
+def fetch_gpt2(mcfg):
+    """Fetch the GPT-2 files that model.gpt2_dir lacks from model.gpt2_url (e.g. the Hugging Face hub)."""
+    folder = Path(mcfg.gpt2_dir)
+    has_weights = (folder / "model.safetensors").is_file() or (folder / "pytorch_model.bin").is_file()
+    missing = [f for f in GPT2_FILES if not (folder / f).is_file() and not (f == "model.safetensors" and has_weights)]
+    if missing and not mcfg.gpt2_url:
+        raise FileNotFoundError(f"model.gpt2_dir={folder} lacks {', '.join(missing)}: put a Hugging Face GPT-2 "
+                                f"folder there, or set model.gpt2_url to fetch it")
+    for name in missing:
+        try:
+            data.download(f"{mcfg.gpt2_url.rstrip('/')}/{name}", folder / name, desc=name)
+        except OSError as e:
+            raise OSError(f"model.gpt2_dir={folder} lacks {name} and fetching it failed (offline?): {e}") from e
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,6 +179,60 @@ def set_rng_state(state):
     np.random.set_state(state["numpy"])
 
 
+def check_resume(run_dir: Path, resolved: dict):
+    """last.pt only fits the data, SIDs and model it was trained with: name every setting that changed."""
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    # where files live (data.dir, model.gpt2_dir, *_url, data.download) may change; keys new since are skipped
+    changed = [f"{s}.{k}: {saved[s][k]!r} -> {v!r}" for s in ("data", "sid", "model") for k, v in resolved[s].items()
+               if k in saved.get(s, {}) and saved[s][k] != v
+               and not (k in ("dir", "download") or k.endswith(("_dir", "_url")))]
+    if changed:
+        raise ValueError(f"{run_dir / 'last.pt'} comes from another config ({'; '.join(changed)}): resume with "
+                         f"the saved settings, or start a new run with train.name=<other>")
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed data parallel: `torchrun --nproc_per_node=N train.py ...` runs this script N times.
+# Every rank holds all data and the same model; each step splits the batch across ranks, DDP averages
+# the gradients, and rank 0 alone writes files and prints.
+
+def init_distributed(device: str):
+    """(rank, world size, device); a plain `python train.py` (no torchrun environment) is rank 0 of 1."""
+    if "WORLD_SIZE" not in os.environ:
+        return 0, 1, device
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if device.startswith("cuda"):
+        device = pick_device(f"cuda:{os.environ['LOCAL_RANK']}")  # one GPU per process
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    if rank:
+        sys.stdout = open(os.devnull, "w")  # silences print and tqdm.write
+    return rank, world, device
+
+
+class BatchLoss(torch.nn.Module):
+    """model.loss as a forward(): DDP and torch.compile hook forward(), not other methods."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, loss_mask):
+        return self.model.loss(ids, loss_mask)
+
+
+def shard(rows, examples, rank, world):
+    """This rank's rows of a batch and the weight of their mean loss. DDP averages gradients over ranks,
+    so weighting by world * (the rank's supervised tokens) / (the batch's) makes the step the same as one
+    process taking the whole batch. A rank left without rows (short last batch) takes one at weight 0."""
+    if world == 1:
+        return rows, 1.0
+    if len(rows) <= rank:
+        return rows[:1], 0.0
+    supervised = [sum(examples[i][1][1:]) for i in rows]   # loss_mask[1:]: the tokens the loss averages
+    return rows[rank::world], world * sum(supervised[rank::world]) / sum(supervised)
+
+
 # ----------------------------------------------------------------------------------------------
 
 def main(argv):
@@ -164,8 +246,8 @@ def main(argv):
     tcfg.name = tcfg.name or Path(argv[0]).stem
     run_dir = Path(tcfg.out_dir) / tcfg.name
     resolved = {name: asdict(section) for name, section in cfg.items()}
+    rank, world, device = init_distributed(pick_device(tcfg.device))
     print(yaml.safe_dump(resolved, sort_keys=False))
-    device = pick_device(tcfg.device)
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
     random.seed(tcfg.seed)
@@ -177,21 +259,24 @@ def main(argv):
     if not tcfg.resume and last_path.is_file():
         raise FileExistsError(f"{run_dir} holds a run already: pass train.resume=true to continue it, "
                               f"or train.name=<other> to start a new one")
+    if tcfg.resume:
+        check_resume(run_dir, resolved)
 
     # --- data and Semantic IDs -----------------------------------------------------------------
     t0 = time.time()
     ds = data.load_dataset(cfg["data"])
     split = data.leave_one_out(ds.sequences, cfg["data"].max_history)
     print(f"data: {data.summary(ds)} ({time.time() - t0:.1f}s)")
+    if rank > 0:
+        dist.barrier()  # rank 0 builds (or loads) the cached SID table first, then the others load it
     codes, sid_settings, sid_health = sid_table(cfg, ds, Path(tcfg.sid_cache))
+    if world > 1 and rank == 0:
+        dist.barrier()
     print(f"SIDs: {json.dumps(sid_health)}")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not tcfg.resume:
-        (run_dir / "log.jsonl").unlink(missing_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-    sid.save_sids(run_dir / "sids.pt", codes, sid_settings, sid_health)
     words = pauserec.rationale_words(ds.item_meta, mcfg.rationale_file) if mcfg.reasoning == "cot" else []
-    tok = pauserec.Tokens.from_codes(codes, words)
+    if mcfg.backbone == "gpt2":
+        fetch_gpt2(mcfg)
+    tok = pauserec.make_tokens(mcfg, codes, words, ds.item_meta)
     trie = pauserec.SIDTrie(codes)
     rng = random.Random(tcfg.seed)
     examples = training_examples(tok, mcfg, ds, split, cfg["data"].max_history, rng)
@@ -200,36 +285,58 @@ def main(argv):
         valid = [valid[i] for i in sorted(random.Random(tcfg.seed).sample(range(len(valid)), ecfg.valid_users))]
 
     # --- model and optimizer -------------------------------------------------------------------
-    model = pauserec.GPT(mcfg, tok.size).to(device)
+    model = pauserec.make_model(mcfg, tok).to(device)   # gpt2: pretrained weights, our tokens' rows appended
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocabulary {tok.size}")
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": tcfg.weight_decay},
+    wd = 0.0 if mcfg.train_only_new_tokens else tcfg.weight_decay  # decay would shrink the frozen GPT-2 rows
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": wd},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=tcfg.lr, betas=(0.9, 0.98))
     steps_per_epoch = math.ceil(len(examples) / tcfg.batch_size)
     total_steps = tcfg.epochs * steps_per_epoch
-    step, best, bad_evals, train_seconds = 0, -1.0, 0, 0.0
+    step, best, bad_evals, train_seconds, train_tokens = 0, -1.0, 0, 0.0, 0
     if tcfg.resume:
         state = torch.load(last_path, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        step, best, bad_evals, train_seconds = state["step"], state["best"], state["bad_evals"], state["train_seconds"]
-        set_rng_state(state["rng"])
+        step, best, bad_evals = state["step"], state["best"], state["bad_evals"]
+        train_seconds, train_tokens = state["train_seconds"], state["train_tokens"]
+        ranks = state.get("rng_ranks") or []
+        set_rng_state(ranks[rank] if len(ranks) == world else state["rng"])
         print(f"resumed from {last_path} at step {step}")
+    train_loss = BatchLoss(model)   # the training forward: model.loss, optionally compiled and under DDP
+    if tcfg.compile:
+        train_loss = torch.compile(train_loss)
+    if world > 1:
+        train_loss = torch.nn.parallel.DistributedDataParallel(train_loss)
+    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=tcfg.amp)
+
+    # --- the run folder: written only now that config, data and checkpoint have passed every check --
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not tcfg.resume:
+            (run_dir / "log.jsonl").unlink(missing_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+        sid.save_sids(run_dir / "sids.pt", codes, sid_settings, sid_health)
 
     def checkpoint():
-        atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                     "best": best, "bad_evals": bad_evals, "train_seconds": train_seconds, "rng": rng_state()},
-                    last_path)
+        rngs = [rng_state()] * world
+        if world > 1:  # every rank's own dropout stream, so that a resumed DDP run replays them all
+            dist.all_gather_object(rngs, rng_state())
+        if rank == 0:
+            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                         "best": best, "bad_evals": bad_evals, "train_seconds": train_seconds,
+                         "train_tokens": train_tokens, "rng": rng_state(), "rng_ranks": rngs}, last_path)
 
     def log(record):
-        with open(run_dir / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if rank == 0:
+            with open(run_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
 
     # --- training loop -------------------------------------------------------------------------
     eval_every = ecfg.every or steps_per_epoch
     stop = False
-    bar = tqdm(total=total_steps, initial=step, desc="train", disable=None)
+    bar = tqdm(total=total_steps, initial=step, desc="train", disable=None if rank == 0 else True)
     tokens, t_log = 0, time.time()
     while step < total_steps and not stop:
         epoch, skip = divmod(step, steps_per_epoch)
@@ -237,31 +344,38 @@ def main(argv):
         order = batches(examples, tcfg.batch_size, torch.Generator().manual_seed(tcfg.seed * 1000 + epoch))
         for rows in order[skip:]:
             t_step = time.time()
-            model.train()
-            ids, loss_mask = pauserec.collate([examples[i] for i in rows])
+            train_loss.train()
+            mine, weight = shard(rows, examples, rank, world)   # all rows when world == 1
+            ids, loss_mask = pauserec.collate([examples[i] for i in mine], tok.PAD)
             ids, loss_mask = ids.to(device), loss_mask.to(device)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, total_steps, tcfg)
-            loss = model.loss(ids, loss_mask)
+            with autocast:
+                loss = train_loss(ids, loss_mask)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss * weight).backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
             optimizer.step()
             step += 1
-            tokens += int((ids != tok.PAD).sum())
+            real_tokens = sum(len(examples[i][0]) for i in rows)  # the whole batch, on every rank
+            tokens, train_tokens = tokens + real_tokens, train_tokens + real_tokens
             train_seconds += time.time() - t_step
             bar.update(1)
             if step % tcfg.log_every == 0:
+                if world > 1:  # the whole batch's mean loss, as one process would log it
+                    loss = (loss * weight).detach()
+                    dist.all_reduce(loss)
+                    loss /= world
                 rate = tokens / (time.time() - t_log)
                 bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:.0f}")
                 log({"step": step, "epoch": epoch, "loss": round(loss.item(), 4),
                      "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": round(rate)})
                 tokens, t_log = 0, time.time()
             if step % eval_every == 0 or step == total_steps:
-                metrics = evaluate.evaluate_model(model, tok, mcfg, trie, valid, ecfg, device, desc="valid")
+                metrics = evaluate.evaluate_model(model, tok, mcfg, trie, valid, ecfg, device, "valid", rank, world)
                 better = metrics["ndcg@10"] > best
                 best, bad_evals = (metrics["ndcg@10"], 0) if better else (best, bad_evals + 1)
-                if better:
+                if better and rank == 0:
                     atomic_save({"model": model.state_dict(), "words": words,
                                  "step": step}, run_dir / "model.pt")
                 log({"step": step, "epoch": epoch, "valid": metrics, "best": better})
@@ -275,19 +389,25 @@ def main(argv):
     bar.close()
 
     # --- test, once, with the best checkpoint ----------------------------------------------------
+    if world > 1:
+        dist.barrier()  # model.pt is written by rank 0
     best_state = torch.load(run_dir / "model.pt", map_location=device, weights_only=True)
     model.load_state_dict(best_state["model"])
-    valid_full = evaluate.evaluate_model(model, tok, mcfg, trie, split["valid"], ecfg, device, desc="valid")
-    test = evaluate.evaluate_model(model, tok, mcfg, trie, split["test"], ecfg, device, desc="test")
+    valid_full = evaluate.evaluate_model(model, tok, mcfg, trie, split["valid"], ecfg, device, "valid", rank, world)
+    test = evaluate.evaluate_model(model, tok, mcfg, trie, split["test"], ecfg, device, "test", rank, world)
     metrics = {"valid": valid_full, "test": test,
                "baselines": evaluate.baseline_metrics(ds.sequences, "test", ecfg.ks),
                "baselines_valid": evaluate.baseline_metrics(ds.sequences, "valid", ecfg.ks),
-               "train_seconds": round(train_seconds, 1), "best_step": best_state["step"], "steps": step,
+               "train_seconds": round(train_seconds, 1), "train_tokens": train_tokens,
+               "best_step": best_state["step"], "steps": step,
                "sid": sid_health}
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    if rank == 0:
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
     print(json.dumps({"test": test, "markov": metrics["baselines"]["markov"], "run": str(run_dir)}))
     return metrics
 
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    if dist.is_initialized():
+        dist.destroy_process_group()
