@@ -1,0 +1,167 @@
+"""Speed and cost figures. Each command prints one JSON object on the last line of stdout.
+
+    python bench.py beam [--items 12000,100000,1000000] [--users 256] [--beam 20] [--threads 0]
+        constrained beam search on random catalogues: trie build seconds, users/s, and the share of
+        time spent in the transformer (the rest is trie masking, top-k and KV-cache reordering)
+    python bench.py reasoning CONFIG [--quick] [key=value ...]
+        train and evaluate the modes none, pause (M = 1, 2, 4, 8) and cot (rationale noise 0, 0.5, 1)
+        on the same data, SIDs and budget; then time their inference one after another
+
+Timings are medians of 3 repetitions after a warm-up; compare figures from the same run only.
+"""
+import argparse
+import functools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import data
+import evaluate
+import pauserec
+import sid
+
+
+def median_seconds(fn, reps=3):
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+class TimedModel(torch.nn.Module):
+    """Wraps a GPT and adds up the seconds spent in its forward passes."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.seconds = model, 0.0
+
+    def forward(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        out = self.model(*args, **kwargs)
+        self.seconds += time.perf_counter() - t0
+        return out
+
+    @property
+    def device(self):
+        return self.model.device
+
+
+def random_catalogue(n, levels=3, size=256, seed=0):
+    """n random SIDs [n, levels (+1 collision level)], like an RQ table of `size`-code codebooks."""
+    gen = torch.Generator().manual_seed(seed)
+    return sid.add_collision_level(torch.randint(size, (n, levels), generator=gen))
+
+
+def bench_beam(args):
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    mcfg = pauserec.ModelConfig()   # the default model: 4 layers, d=128, M=4 pauses before the target
+    rows = []
+    for n in [int(x) for x in args.items.split(",")]:
+        codes = random_catalogue(n)
+        t0 = time.perf_counter()
+        trie = pauserec.SIDTrie(codes)
+        build = time.perf_counter() - t0
+        tok = pauserec.Tokens.from_codes(codes)
+        model = TimedModel(pauserec.GPT(mcfg, tok.size).eval())
+        gen = torch.Generator().manual_seed(1)
+        histories = torch.randint(n, (args.users, 20), generator=gen).tolist()   # 20-item histories
+        prompts = [pauserec.build_prompt(tok, mcfg, h) for h in histories]
+        run = functools.partial(pauserec.beam_search, model, tok, mcfg, trie, prompts, beam_size=args.beam, topk=10)
+        seconds = median_seconds(run)
+        model.seconds, t0 = 0.0, time.perf_counter()   # one more run, to split its time
+        run()
+        share = model.seconds / (time.perf_counter() - t0)
+        rows.append({"items": n, "sid_levels": codes.shape[1], "trie_build_s": round(build, 3),
+                     "users_per_s": round(args.users / seconds, 1), "ms_per_user": round(1e3 * seconds / args.users, 3),
+                     "transformer_share": round(share, 3)})
+        print(json.dumps(rows[-1]), flush=True)
+    base = rows[0]["ms_per_user"]
+    result = {"beam": args.beam, "users": args.users, "threads": torch.get_num_threads(), "rows": rows,
+              "ms_per_user_ratio_vs_first": [round(r["ms_per_user"] / base, 2) for r in rows]}
+    print(json.dumps(result))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+
+MODES = [("none", ["model.reasoning=none", "model.num_pauses=0"])] + \
+        [(f"pause M={m}", ["model.reasoning=pause", f"model.num_pauses={m}"]) for m in (1, 2, 4, 8)] + \
+        [(f"cot noise={p}", ["model.reasoning=cot", f"model.rationale_noise={p}", "model.pause_layout=target"])
+         for p in (0.0, 0.5, 1.0)]
+
+QUICK = ["data.num_users=400", "data.num_items=80", "sid.codebook_size=8", "sid.embed_dim=32", "sid.hidden=[64]",
+         "sid.latent_dim=8", "sid.epochs=20", "sid.batch_size=80", "model.n_layer=2", "model.d_model=32",
+         "model.n_head=2", "train.epochs=3", "train.batch_size=32", "train.warmup_steps=5", "train.patience=0"]
+
+
+def bench_reasoning(args, overrides):
+    import train  # bench.py sits beside train.py and drives it; nothing imports bench.py
+    overrides = (QUICK if args.quick else []) + overrides
+    out_dir = Path(args.out)
+    table = []
+    for name, mode in MODES:
+        slug = name.replace(" ", "_").replace("=", "")
+        run_args = [args.config, *overrides, *mode, f"train.name={slug}", f"train.out_dir={out_dir}"]
+        metrics = train.main(run_args)
+        cfg, ds, codes, tok, model = evaluate.load_run(out_dir / slug)
+        trie = pauserec.SIDTrie(codes)
+        test = data.leave_one_out(ds.sequences, cfg["data"].max_history)["test"]
+        ecfg = cfg["eval"]
+        row = {"mode": name, "valid": metrics["valid"], "test": metrics["test"],
+               "train_seconds": metrics["train_seconds"], "train_tokens": metrics.get("train_tokens")}
+        for batch in (1, 256):
+            users = test[: (8 if args.quick else 32) if batch == 1 else (64 if args.quick else 512)]
+            seconds = median_seconds(functools.partial(evaluate.recommend, model, tok, cfg["model"], trie, users,
+                                                       ecfg.beam_size, max(ecfg.ks), batch))
+            row[f"users_per_s_batch{batch}"] = round(len(users) / seconds, 1)
+            row[f"ms_per_user_batch{batch}"] = round(1e3 * seconds / len(users), 2)
+        table.append(row)
+    print_table(table)
+    (out_dir / "reasoning.json").write_text(json.dumps(table, indent=1))
+    print(json.dumps({"table": table}))
+    return table
+
+
+def print_table(table):
+    head = ["mode", "valid N@10", "test R@5", "test N@5", "test R@10", "test N@10", "train s", "users/s b1",
+            "ms/user b1", "users/s b256"]
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for r in table:
+        t = r["test"]
+        cells = [r["mode"], f"{r['valid']['ndcg@10']:.4f}", f"{t['recall@5']:.4f}", f"{t['ndcg@5']:.4f}",
+                 f"{t['recall@10']:.4f}", f"{t['ndcg@10']:.4f}", f"{r['train_seconds']:.0f}",
+                 f"{r['users_per_s_batch1']}", f"{r['ms_per_user_batch1']}", f"{r['users_per_s_batch256']}"]
+        print("| " + " | ".join(cells) + " |")
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("beam")
+    b.add_argument("--items", default="12000,100000,1000000")
+    b.add_argument("--users", type=int, default=256)
+    b.add_argument("--beam", type=int, default=20)
+    b.add_argument("--threads", type=int, default=0)
+    r = sub.add_parser("reasoning")
+    r.add_argument("config")
+    r.add_argument("--quick", action="store_true", help="a tiny model and 3 epochs: a smoke check in minutes")
+    r.add_argument("--out", default="runs/bench_reasoning")
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "beam":
+        if rest:
+            parser.error(f"unrecognised arguments: {' '.join(rest)}")
+        return bench_beam(args)
+    return bench_reasoning(args, rest)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
