@@ -1,8 +1,12 @@
 """Speed and cost figures. Each command prints one JSON object on the last line of stdout.
 
     python bench.py beam [--items 12000,100000,1000000] [--users 256] [--beam 20] [--threads 0]
+                         [--peer] [--peer-users 32]
         constrained beam search on random catalogues: trie build seconds, users/s, and the share of
-        time spent in the transformer (the rest is trie masking, top-k and KV-cache reordering)
+        time spent in the transformer (the rest is trie masking, top-k and KV-cache reordering).
+        --peer (needs transformers): on the first catalogue, the same weights exported into
+        transformers' GPT2LMHeadModel and generate(num_beams, prefix_allowed_tokens_fn) on the same
+        prompts: top-10 agreement with ours and users/s of both, at batch 1 and batch --peer-users
     python bench.py reasoning CONFIG [--quick] [key=value ...]
         train and evaluate the modes none, pause (M = 1, 2, 4, 8) and cot (rationale noise 0, 0.5, 1)
         on the same data, SIDs and budget; then time their inference one after another
@@ -59,7 +63,104 @@ def random_catalogue(n, levels=3, size=256, seed=0):
     return sid.add_collision_level(torch.randint(size, (n, levels), generator=gen))
 
 
+# ---------------------------------------------------------------------------------------------- peer: HF generate
+
+
+def to_hf_gpt2(model, tok):
+    """Our GPT's weights in a `transformers.GPT2LMHeadModel` (eval mode): the same names, but GPT-2's Conv1D
+    layers (c_attn, c_proj, c_fc) hold [in, out] where nn.Linear holds [out, in]."""
+    import transformers
+    cfg = model.cfg
+    ref = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=tok.size, n_positions=cfg.max_len, n_embd=cfg.d_model, n_layer=cfg.n_layer, n_head=cfg.n_head,
+        layer_norm_epsilon=model.transformer.ln_f.eps, activation_function="gelu_new", resid_pdrop=0.0,
+        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tok.BOS, eos_token_id=tok.EOS, pad_token_id=tok.PAD)).eval()
+    conv1d = ("c_attn.weight", "c_proj.weight", "c_fc.weight")
+    missing, unexpected = ref.load_state_dict(
+        {k: v.t() if k.endswith(conv1d) else v for k, v in model.state_dict().items()}, strict=False)
+    if unexpected or not all(k.endswith((".attn.bias", ".attn.masked_bias")) for k in missing):
+        raise RuntimeError(f"to_hf_gpt2: weights do not map: missing {missing}, unexpected {unexpected}")
+    return ref
+
+
+def trie_allowed_tokens(trie, tok, n, memo=None):
+    """generate()'s prefix_allowed_tokens_fn: the SID tokens that extend the tokens decoded after the n
+    (padded) prompt tokens to a prefix of a catalogue item, as MiniOneRec, LC-Rec and OneRec-Think build it
+    (a lookup per decoded prefix; `memo`, shared between calls, plays their precomputed prefix table)."""
+    memo = {} if memo is None else memo
+
+    def allowed(_, ids):
+        key = tuple(ids[n:].tolist())
+        if key not in memo:
+            p = 0
+            for d, t in enumerate(key):
+                children, prefixes = trie.children(d, p)
+                p = prefixes[children.index(t - tok.offsets[d])]
+            memo[key] = [tok.offsets[len(key)] + c for c in trie.children(len(key), p)[0]]
+        return memo[key]
+    return allowed
+
+
+def hf_beam_search(ref, tok, trie, prompts, beam_size, topk, memo=None):
+    """pauserec.beam_search's output from HF generate on left-padded prompts (with an attention mask):
+    items [B, topk] (-1 where a sequence is no item) and generate's sequence scores [B, topk]."""
+    ids, mask = pauserec.left_pad(prompts, pad=tok.PAD)
+    L = trie.num_levels
+    with torch.inference_mode():
+        out = ref.generate(ids, attention_mask=mask.long(), num_beams=beam_size, num_return_sequences=topk,
+                           max_new_tokens=L, do_sample=False, length_penalty=0.0, early_stopping=True,
+                           prefix_allowed_tokens_fn=trie_allowed_tokens(trie, tok, ids.shape[1], memo),
+                           output_scores=True, return_dict_in_generate=True)
+    items = [trie.lookup([t - o for t, o in zip(seq[-L:].tolist(), tok.offsets)]) for seq in out.sequences]
+    return torch.tensor(items).view(len(prompts), topk), out.sequences_scores.view(len(prompts), topk)
+
+
+def in_chunks(search, chunks):
+    """(items, scores) of search(chunk) for each chunk of prompts, concatenated."""
+    out = [search(c) for c in chunks]
+    return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
+
+
+def bench_peer(model, tok, mcfg, trie, prompts, beam, tie_tol=1e-5):
+    """Ours vs HF generate on the same weights and prompts, at batch 1 and batch len(prompts)."""
+    import transformers
+    transformers.logging.set_verbosity_error()
+    ref = to_hf_gpt2(model, tok)
+    P, K, memo = len(prompts), 10, {}
+    rows = []
+    for batch in sorted({1, P}):
+        chunks = [prompts[i: i + batch] for i in range(0, P, batch)]
+        ours = functools.partial(in_chunks, lambda c: pauserec.beam_search(model, tok, mcfg, trie, c, beam, K), chunks)
+        theirs = functools.partial(in_chunks, lambda c: hf_beam_search(ref, tok, trie, c, beam, K, memo), chunks)
+        s_ours, s_theirs = median_seconds(ours), median_seconds(theirs)   # one after the other, same threads
+        (items, scores), (hf_items, hf_scores) = ours(), theirs()
+        same = (items == hf_items).all(1)
+        tied = same.clone()
+        for u in torch.nonzero(~same).flatten().tolist():   # differing lists: are the differences ties?
+            if bool((hf_items[u] >= 0).all()):   # same scores rank by rank, teacher-forced for HF's items
+                true = pauserec.score_items(model, tok, mcfg, prompts[u], hf_items[u].tolist())
+                tied[u] = bool(((true - scores[u]).abs() <= tie_tol).all())
+        rows.append({"batch": batch, "ours_users_per_s": round(P / s_ours, 1),
+                     "generate_users_per_s": round(P / s_theirs, 1), "ours_speedup": round(s_theirs / s_ours, 2),
+                     "top10_identical": round(same.float().mean().item(), 4),
+                     "top10_same_up_to_ties": round(tied.float().mean().item(), 4),
+                     "max_abs_score_diff": float(f"{(hf_scores - scores).abs().max().item():.3g}")})
+        print(json.dumps({"peer": rows[-1]}), flush=True)
+    return {"items": len(trie.leaf_item), "users": P, "beam": beam, "topk": K, "tie_tol": tie_tol,
+            "threads": torch.get_num_threads(), "transformers": transformers.__version__, "rows": rows}
+
+
+# ----------------------------------------------------------------------------------------------
+
+
 def bench_beam(args):
+    if args.peer:
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            sys.exit("bench.py beam --peer compares with transformers' generate(): pip install -r requirements-dev.txt")
+        if not 0 < args.peer_users <= args.users:
+            sys.exit(f"bench.py beam: --peer-users must be in 1..--users ({args.users}), got {args.peer_users}")
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -84,9 +185,13 @@ def bench_beam(args):
                      "users_per_s": round(args.users / seconds, 1), "ms_per_user": round(1e3 * seconds / args.users, 3),
                      "transformer_share": round(share, 3)})
         print(json.dumps(rows[-1]), flush=True)
+        if args.peer and len(rows) == 1:   # the first (Beauty-sized) catalogue only
+            peer = bench_peer(model.model, tok, mcfg, trie, prompts[: args.peer_users], args.beam)
     base = rows[0]["ms_per_user"]
     result = {"beam": args.beam, "users": args.users, "threads": torch.get_num_threads(), "rows": rows,
               "ms_per_user_ratio_vs_first": [round(r["ms_per_user"] / base, 2) for r in rows]}
+    if args.peer:
+        result["peer"] = peer
     print(json.dumps(result))
     return result
 
@@ -151,6 +256,8 @@ def main(argv):
     b.add_argument("--users", type=int, default=256)
     b.add_argument("--beam", type=int, default=20)
     b.add_argument("--threads", type=int, default=0)
+    b.add_argument("--peer", action="store_true", help="also compare with transformers' generate() (first --items)")
+    b.add_argument("--peer-users", type=int, default=32, help="users (of --users) in the --peer comparison")
     r = sub.add_parser("reasoning")
     r.add_argument("config")
     r.add_argument("--quick", action="store_true", help="a tiny model and 3 epochs: a smoke check in minutes")

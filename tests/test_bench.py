@@ -1,5 +1,7 @@
 from pathlib import Path
 
+import pytest
+
 import bench
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -10,6 +12,27 @@ def test_bench_beam_small():
     assert [r["items"] for r in out["rows"]] == [300, 3000]
     for row in out["rows"]:
         assert row["users_per_s"] > 0 and 0 < row["transformer_share"] <= 1 and row["trie_build_s"] >= 0
+
+
+def test_bench_beam_peer_matches_generate():
+    """--peer: the same weights in transformers' GPT2LMHeadModel, generate(num_beams, prefix_allowed_tokens_fn)
+    on the same prompts gives the same top-10 items in the same order (up to score ties)."""
+    transformers = pytest.importorskip("transformers")
+    out = bench.main(["beam", "--items", "500", "--users", "4", "--beam", "10", "--threads", "1",
+                      "--peer", "--peer-users", "4"])
+    peer = out["peer"]
+    assert (peer["items"], peer["users"], peer["beam"], peer["topk"]) == (500, 4, 10, 10)
+    assert peer["threads"] == 1 and peer["transformers"] == transformers.__version__
+    assert [r["batch"] for r in peer["rows"]] == [1, 4]
+    for row in peer["rows"]:
+        assert row["ours_users_per_s"] > 0 and row["generate_users_per_s"] > 0 and row["ours_speedup"] > 0
+        assert 0 <= row["top10_identical"] <= row["top10_same_up_to_ties"] == 1.0
+        assert row["max_abs_score_diff"] < 1e-3
+
+
+def test_bench_beam_peer_needs_peer_users_within_users():
+    with pytest.raises(SystemExit):
+        bench.main(["beam", "--items", "300", "--users", "2", "--peer", "--peer-users", "3"])
 
 
 def test_bench_reasoning_quick(tmp_path):

@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from test_train import tiny_args  # noqa: E402
 
+import bench  # noqa: E402
 import evaluate  # noqa: E402
 import pauserec as pr  # noqa: E402
 import train  # noqa: E402
@@ -416,23 +417,12 @@ def test_tiny_gpt2_run_with_titles_trains_and_evaluates(tmp_path):
 # ----------------------------------------------------------------------------------------------- peer check
 
 
-def prefix_allowed_tokens_fn(trie, tok, n):
-    """generate()'s constraint: the SID tokens that extend the decoded tokens (after the n prompt tokens)
-    to a prefix of a catalogue item, as MiniOneRec, LC-Rec and OneRec-Think build it."""
-    def allowed(_, ids):
-        p = 0
-        for d, t in enumerate(ids[n:].tolist()):
-            children, prefixes = trie.children(d, p)
-            p = prefixes[children.index(t - tok.offsets[d])]
-        return [tok.offsets[len(ids) - n] + c for c in trie.children(len(ids) - n, p)[0]]
-    return allowed
-
-
 def test_beam_search_matches_transformers_generate(tmp_path):
     """Our trie-constrained beam search vs `generate(num_beams, prefix_allowed_tokens_fn)` on the same weights
-    (exported into GPT2LMHeadModel): the same top-k items, in the same order, with the same scores. All SIDs
-    have L tokens, so length_penalty=0 makes HF's beam score the summed log-prob, as ours."""
-    transformers = pytest.importorskip("transformers")
+    (exported into GPT2LMHeadModel by bench.to_hf_gpt2): the same top-k items, in the same order, with the same
+    scores. All SIDs have L tokens, so length_penalty=0 makes HF's beam score the summed log-prob, as ours.
+    Also batched: prompts of different lengths left-padded, with an attention mask (bench.hf_beam_search)."""
+    pytest.importorskip("transformers")
     folder = write_checkpoint(tmp_path / "ckpt")
     g = torch.Generator().manual_seed(3)
     codes = torch.unique(torch.stack([torch.randint(0, s, (60,), generator=g) for s in (4, 5, 6)], 1), dim=0)
@@ -442,20 +432,15 @@ def test_beam_search_matches_transformers_generate(tmp_path):
     model = pr.make_model(cfg, tok).eval()
     with torch.no_grad():  # distinct new rows, so that items get clearly different scores
         model.transformer.wte.weight[tok.base:] += torch.randn(tok.size - tok.base, 32, generator=g) * 0.5
-    ref = transformers.GPT2LMHeadModel(transformers.GPT2Config(
-        vocab_size=tok.size, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=tok.BOS,
-        eos_token_id=tok.EOS, pad_token_id=tok.PAD)).eval()
-    conv1d = ("c_attn.weight", "c_proj.weight", "c_fc.weight")
-    missing, unexpected = ref.load_state_dict(
-        {k: v.t() if k.endswith(conv1d) else v for k, v in model.state_dict().items()}, strict=False)
-    assert not unexpected and all(k.endswith((".attn.bias", ".attn.masked_bias")) for k in missing)
+    ref = bench.to_hf_gpt2(model, tok)   # raises if a weight does not map
+    assert (ref.config.n_layer, ref.config.n_embd, ref.config.n_positions) == (2, 32, 64)
     trie = pr.SIDTrie(codes)
     L, K = trie.num_levels, 10
     r = random.Random(0)
     prompts = [pr.build_prompt(tok, cfg, [r.randrange(len(codes)) for _ in range(r.randint(1, 4))]) for _ in range(4)]
     items, scores = pr.beam_search(model, tok, cfg, trie, prompts, beam_size=K, topk=K)
     for u, prompt in enumerate(prompts):
-        allowed = prefix_allowed_tokens_fn(trie, tok, len(prompt))
+        allowed = bench.trie_allowed_tokens(trie, tok, len(prompt))
         out = ref.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                            num_beams=K, num_return_sequences=K, max_new_tokens=L, min_new_tokens=L,
                            do_sample=False, length_penalty=0.0, early_stopping=True,
@@ -463,3 +448,6 @@ def test_beam_search_matches_transformers_generate(tmp_path):
         theirs = [trie.lookup([t - o for t, o in zip(seq[-L:].tolist(), tok.offsets)]) for seq in out.sequences]
         assert theirs == items[u].tolist(), u
         assert torch.allclose(out.sequences_scores, scores[u], atol=1e-4), u
+    batched, batched_scores = bench.hf_beam_search(ref, tok, trie, prompts, K, K)
+    assert len(set(map(len, prompts))) > 1                  # left padding is exercised
+    assert torch.equal(batched, items) and torch.allclose(batched_scores, scores, atol=1e-4)
