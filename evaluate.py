@@ -28,7 +28,7 @@ class EvalConfig:
     beam_size: int = 20          # constrained beam width; must be >= max(ks)
     batch_size: int = 256        # users per beam-search batch
     every: int = 0               # validate every this many training steps (0: once per epoch)
-    valid_users: int = 0         # validate on a fixed random sample of users (0: all); test always uses all
+    valid_users: int = 5000      # validate on a fixed random sample of users (0: all); test always uses all
 
 
 def check_eval_config(cfg: EvalConfig):

@@ -41,7 +41,7 @@ class ModelConfig:
     dropout: float = 0.0           # dropout on embeddings, attention weights and residual branches
     max_len: int = 256             # learned positions: longest sequence the model can read
     reasoning: str = "pause"       # none | pause | cot
-    num_pauses: int = 4            # M: <pause> tokens before the target (pause mode)
+    num_pauses: int = 2            # M: <pause> tokens before the target (pause mode)
     pause_layout: str = "target"   # target: M pauses before the target only | every_item: before every item
     loss_on_history: bool = False  # also supervise the history items' SID tokens (all but the first item)
     rationale_file: str = ""       # cot: JSONL {"key": "<user>:<target>", "rationale": ..} replaces templates
