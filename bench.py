@@ -7,21 +7,27 @@
         --peer (needs transformers): on the first catalogue, the same weights exported into
         transformers' GPT2LMHeadModel and generate(num_beams, prefix_allowed_tokens_fn) on the same
         prompts: top-10 agreement with ours and users/s of both, at batch 1 and batch --peer-users
-    python bench.py reasoning CONFIG [--quick] [key=value ...]
+    python bench.py reasoning CONFIG [--quick] [--jobs N] [--out DIR] [key=value ...]
         train and evaluate the modes none, pause (M = 1, 2, 4, 8) and cot (rationale noise 0, 0.5, 1)
-        on the same data, SIDs and budget; then time their inference one after another
+        on the same data, SIDs and budget (--jobs N: N modes at once, as separate processes; finished
+        modes in DIR are reused); then time each mode's training steps and beam search in this process,
+        in interleaved rounds
 
 Timings are medians of 3 repetitions after a warm-up; compare figures from the same run only.
 """
 import argparse
 import functools
 import json
+import random
 import statistics
+import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import yaml
 
 import data
 import evaluate
@@ -164,7 +170,8 @@ def bench_beam(args):
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
-    mcfg = pauserec.ModelConfig()   # the default model: 4 layers, d=128, M=4 pauses before the target
+    # the default size (4 layers, d=128) with M=4 pauses before the target, as measured in the README
+    mcfg = pauserec.ModelConfig(reasoning="pause", num_pauses=4, pause_layout="target")
     rows = []
     for n in [int(x) for x in args.items.split(",")]:
         codes = random_catalogue(n)
@@ -208,42 +215,157 @@ QUICK = ["data.num_users=400", "data.num_items=80", "sid.codebook_size=8", "sid.
          "model.n_head=2", "train.epochs=3", "train.batch_size=32", "train.warmup_steps=5", "train.patience=0"]
 
 
-def bench_reasoning(args, overrides):
+def train_modes(args, runs):
+    """Train every mode: one after another in this process (--jobs 1), or as --jobs concurrent
+    `python train.py` processes (many cores, or one GPU that a single small model leaves idle)."""
     import train  # bench.py sits beside train.py and drives it; nothing imports bench.py
-    overrides = (QUICK if args.quick else []) + overrides
-    out_dir = Path(args.out)
-    table = []
+    if args.jobs == 1:
+        for _, _, run_args in runs:
+            train.main(run_args)
+        return
+    pending, active = list(runs), []
+    while pending or active:
+        while pending and len(active) < args.jobs:
+            _, slug, run_args = pending.pop(0)
+            log = Path(args.out) / f"{slug}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("train.py")), *run_args],
+                                    stdout=log.open("w"), stderr=subprocess.STDOUT)
+            active.append((proc, log))
+        time.sleep(1)
+        for proc, log in [a for a in active if a[0].poll() is not None]:
+            active.remove((proc, log))
+            if proc.returncode:
+                sys.exit(f"bench.py reasoning: training failed (exit {proc.returncode}), see {log}")
+            print(f"done: {log}", flush=True)
+
+
+def train_steps(tok, mcfg, ds, max_history, batch_size, model, device, steps=20):
+    """(fn, tokens): fn runs `steps` optimizer steps (forward, backward, AdamW) on a copy of the model with
+    batches of the run's size, over `tokens` training tokens; timing it gives a mode's training throughput."""
+    import copy
+
+    import train
+    ds = ds._replace(sequences=ds.sequences[: 4 * steps * batch_size])   # enough examples for `steps` batches
+    split = data.leave_one_out(ds.sequences, max_history)
+    examples = train.training_examples(tok, mcfg, ds, split, max_history, random.Random(0))
+    order = train.batches(examples, batch_size, torch.Generator().manual_seed(0))[:steps]
+    model = copy.deepcopy(model).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    batches = [pauserec.collate([examples[i] for i in rows], tok.PAD) for rows in order]
+
+    def run():
+        for ids, mask in batches:
+            loss = model.loss(ids.to(device), mask.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    return run, sum(len(examples[i][0]) for rows in order for i in rows)
+
+
+def interleaved_medians(fns, reps=3):
+    """Median seconds of each fn: all warmed up once, then `reps` rounds that call each fn in turn, so a
+    machine that speeds up or slows down over time (clocks, other load) shifts every fn alike."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, t in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+def mode_runs(config, overrides, out_dir):
+    """[(mode name, run folder name, train.py arguments)] of the reasoning table, one per mode."""
+    runs = []
     for name, mode in MODES:
         slug = name.replace(" ", "_").replace("=", "")
-        run_args = [args.config, *overrides, *mode, f"train.name={slug}", f"train.out_dir={out_dir}"]
-        metrics = train.main(run_args)
-        cfg, ds, codes, tok, model = evaluate.load_run(out_dir / slug)
+        runs.append((name, slug, [config, *overrides, *mode, f"train.name={slug}", f"train.out_dir={out_dir}"]))
+    return runs
+
+
+# Settings that say where files live or what runs the code: a run moved to another machine is the same run.
+WHERE = {("data", "dir"), ("data", "download"), ("model", "gpt2_dir"), ("model", "gpt2_url"), ("train", "out_dir"),
+         ("train", "sid_cache"), ("train", "device"), ("train", "threads"), ("train", "resume")}
+
+
+def finished(run_dir, run_args):
+    """True when run_dir holds a finished run of these settings (where files live and the device aside):
+    a bench that was interrupted, or whose modes were trained elsewhere (in parallel, on another machine),
+    goes on from there. A run of other settings is an error."""
+    if not (run_dir / "metrics.json").is_file():
+        return False
+    import train
+    resolved = {k: asdict(v) for k, v in data.load_config(run_args[0], run_args[1:], train.SECTIONS).items()}
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    diff = [f"{s}.{k}" for s in resolved for k in resolved[s]
+            if (s, k) not in WHERE and saved.get(s, {}).get(k) != resolved[s][k]]
+    if diff:
+        sys.exit(f"bench.py reasoning: {run_dir} holds a run with other settings ({', '.join(diff)}): "
+                 f"pass another --out")
+    print(f"reusing the finished run {run_dir}")
+    return True
+
+
+def bench_reasoning(args, overrides):
+    import train
+    if args.jobs < 1:
+        sys.exit(f"bench.py reasoning: --jobs must be >= 1, got {args.jobs}")
+    overrides = (QUICK if args.quick else []) + overrides
+    out_dir = Path(args.out)
+    runs = mode_runs(args.config, overrides, out_dir)
+    t0 = time.time()
+    train_modes(args, [r for r in runs if not finished(out_dir / r[1], r[2])])
+    wall = time.time() - t0
+    table, timed = [], []   # timed: (row, key, fn, count); count / seconds is the figure
+    for name, slug, run_args in runs:
+        metrics = json.loads((out_dir / slug / "metrics.json").read_text())
+        now = data.load_config(run_args[0], run_args[1:], train.SECTIONS)   # this machine's settings
+        device = train.pick_device(now["train"].device)
+        if now["train"].threads:
+            torch.set_num_threads(now["train"].threads)
+        where = [f"data.dir={now['data'].dir}"] if now["data"].dir else []   # the data may live elsewhere now
+        cfg, ds, codes, tok, model = evaluate.load_run(out_dir / slug, where, device)
         trie = pauserec.SIDTrie(codes)
         test = data.leave_one_out(ds.sequences, cfg["data"].max_history)["test"]
         ecfg = cfg["eval"]
         row = {"mode": name, "valid": metrics["valid"], "test": metrics["test"],
-               "train_seconds": metrics["train_seconds"], "train_tokens": metrics.get("train_tokens")}
+               "train_seconds": metrics["train_seconds"], "train_tokens": metrics["train_tokens"],
+               "epochs": round(metrics["steps"] / max(1, metrics["steps_per_epoch"]), 2), "device": device}
+        fn, tokens = train_steps(tok, cfg["model"], ds, cfg["data"].max_history, now["train"].batch_size, model,
+                                 device)
+        timed.append((row, "train_tokens_per_s", fn, tokens))
         for batch in (1, 256):
             users = test[: (8 if args.quick else 32) if batch == 1 else (64 if args.quick else 512)]
-            seconds = median_seconds(functools.partial(evaluate.recommend, model, tok, cfg["model"], trie, users,
-                                                       ecfg.beam_size, max(ecfg.ks), batch))
-            row[f"users_per_s_batch{batch}"] = round(len(users) / seconds, 1)
-            row[f"ms_per_user_batch{batch}"] = round(1e3 * seconds / len(users), 2)
+            fn = functools.partial(evaluate.recommend, model, tok, cfg["model"], trie, users, ecfg.beam_size,
+                                   max(ecfg.ks), batch, device, None)
+            timed.append((row, f"users_per_s_batch{batch}", fn, len(users)))
         table.append(row)
+    # The honest counting: cot's figures include decoding its rationale, pause's the prefill of its pauses.
+    for (row, key, _, count), seconds in zip(timed, interleaved_medians([t[2] for t in timed])):
+        row[key] = round(count / seconds, 1)
+        if key.startswith("users"):
+            row["ms_per_user" + key[len("users_per_s"):]] = round(1e3 * seconds / count, 2)
     print_table(table)
-    (out_dir / "reasoning.json").write_text(json.dumps(table, indent=1))
-    print(json.dumps({"table": table}))
+    result = {"table": table, "wall_seconds": round(time.time() - t0), "train_wall_seconds": round(wall)}
+    (out_dir / "reasoning.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
     return table
 
 
 def print_table(table):
-    head = ["mode", "valid N@10", "test R@5", "test N@5", "test R@10", "test N@10", "train s", "users/s b1",
-            "ms/user b1", "users/s b256"]
+    head = ["mode", "valid N@10", "test R@5", "test N@5", "test R@10", "test N@10", "epochs", "train Mtok",
+            "train tok/s", "train s (alone)", "users/s b1", "ms/user b1", "users/s b256"]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for r in table:
         t = r["test"]
         cells = [r["mode"], f"{r['valid']['ndcg@10']:.4f}", f"{t['recall@5']:.4f}", f"{t['ndcg@5']:.4f}",
-                 f"{t['recall@10']:.4f}", f"{t['ndcg@10']:.4f}", f"{r['train_seconds']:.0f}",
+                 f"{t['recall@10']:.4f}", f"{t['ndcg@10']:.4f}", f"{r['epochs']}", f"{r['train_tokens'] / 1e6:.1f}",
+                 f"{r['train_tokens_per_s']}", f"{r['train_tokens'] / r['train_tokens_per_s']:.0f}",
                  f"{r['users_per_s_batch1']}", f"{r['ms_per_user_batch1']}", f"{r['users_per_s_batch256']}"]
         print("| " + " | ".join(cells) + " |")
 
@@ -262,6 +384,8 @@ def main(argv):
     r.add_argument("config")
     r.add_argument("--quick", action="store_true", help="a tiny model and 3 epochs: a smoke check in minutes")
     r.add_argument("--out", default="runs/bench_reasoning")
+    r.add_argument("--jobs", type=int, default=1, help="modes trained at once, as separate processes; "
+                   "their train seconds then overlap: compare modes by train_tokens_per_s, measured alone")
     args, rest = parser.parse_known_args(argv)
     if args.command == "beam":
         if rest:

@@ -57,14 +57,17 @@ def rank_metrics(ranked: torch.Tensor, targets: torch.Tensor, ks=(5, 10)) -> dic
 # ----------------------------------------------------------------------------------------------
 # Baselines, fitted on the training part of the same split
 
-def baseline_rankings(sequences, split: str, k: int):
+def baseline_rankings(sequences, split: str, k: int, fit: str | None = None):
     """MostPop and first-order Markov rankings [U, k] for the targets of `split` ('valid' or 'test').
 
-    The training part is each user's sequence without the split's target (and, for 'valid', without
-    the test target). Markov ranks the items that followed the user's last item by transition count,
-    ties broken by popularity (then item id), and fills up with the most popular items.
+    They are fitted on the training part of `fit` (default: `split`): each user's sequence without the
+    split's target (and, for 'valid', without the test target). Markov ranks the items that followed the
+    user's last item by transition count, ties broken by popularity (then item id), and fills up with the
+    most popular items. fit='valid' for split='test' leaves the validation transitions out of the fit:
+    the data a model trained on the training targets has seen.
     """
-    part = data.train_part(sequences, split)
+    history = data.train_part(sequences, split)
+    part = data.train_part(sequences, fit or split)
     popularity = Counter(i for seq in part for i in seq)
     by_popularity = sorted(popularity, key=lambda i: (-popularity[i], i))
     transitions = defaultdict(Counter)                                 # last item -> Counter(next item)
@@ -73,7 +76,7 @@ def baseline_rankings(sequences, split: str, k: int):
             transitions[a][b] += 1
     mostpop = torch.tensor(by_popularity[:k]).expand(len(part), -1)
     markov = []
-    for seq in part:
+    for seq in history:
         follow = transitions[seq[-1]]
         ranked = sorted(follow, key=lambda i: (-follow[i], -popularity[i], i))[:k]
         seen = set(ranked)
@@ -83,9 +86,15 @@ def baseline_rankings(sequences, split: str, k: int):
 
 
 def baseline_metrics(sequences, split: str, ks=(5, 10)) -> dict:
+    """MostPop and Markov as the protocol fits them; for test also `markov_train_only`, fitted without the
+    validation transitions (the same interactions our model trains on)."""
     targets = torch.tensor([seq[-1] if split == "test" else seq[-2] for seq in sequences])
-    return {name: rank_metrics(ranked, targets, ks)
-            for name, ranked in baseline_rankings(sequences, split, max(ks)).items()}
+    rankings = baseline_rankings(sequences, split, max(ks))
+    out = {name: rank_metrics(ranked, targets, ks) for name, ranked in rankings.items()}
+    if split == "test":
+        out["markov_train_only"] = rank_metrics(baseline_rankings(sequences, "test", max(ks), "valid")["markov"],
+                                                targets, ks)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -399,7 +399,7 @@ def main(argv):
                "baselines": evaluate.baseline_metrics(ds.sequences, "test", ecfg.ks),
                "baselines_valid": evaluate.baseline_metrics(ds.sequences, "valid", ecfg.ks),
                "train_seconds": round(train_seconds, 1), "train_tokens": train_tokens,
-               "best_step": best_state["step"], "steps": step,
+               "best_step": best_state["step"], "steps": step, "steps_per_epoch": steps_per_epoch,
                "sid": sid_health}
     if rank == 0:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))

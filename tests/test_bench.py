@@ -36,9 +36,11 @@ def test_bench_beam_peer_needs_peer_users_within_users():
 
 
 def test_bench_reasoning_quick(tmp_path):
-    table = bench.main(["reasoning", str(ROOT / "configs" / "demo.yaml"), "--quick", "--out", str(tmp_path / "b"),
-                        f"train.sid_cache={tmp_path / 'sids'}", "train.threads=1", "train.epochs=1",
-                        "data.num_users=200", "eval.batch_size=64"])
+    """Trains the modes two at a time as separate processes (--jobs 2), then times them one by one."""
+    overrides = [f"train.sid_cache={tmp_path / 'sids'}", "train.threads=1", "train.epochs=1", "data.num_users=200",
+                 "eval.batch_size=64"]
+    config = str(ROOT / "configs" / "demo.yaml")
+    table = bench.main(["reasoning", config, "--quick", "--jobs", "2", "--out", str(tmp_path / "b"), *overrides])
     assert [r["mode"] for r in table] == [name for name, _ in bench.MODES]
     for row in table:
         for split in ("valid", "test"):
@@ -47,7 +49,14 @@ def test_bench_reasoning_quick(tmp_path):
             assert row[split]["ndcg@10"] <= row[split]["recall@10"]
         assert row["train_seconds"] > 0 and row["train_tokens"] > 0
         assert row["users_per_s_batch1"] > 0 and row["users_per_s_batch256"] > 0
+        assert row["train_tokens_per_s"] > 0 and row["epochs"] == 1
     # more pauses -> more tokens trained on the same examples
     tokens = {r["mode"]: r["train_tokens"] for r in table}
     assert tokens["none"] < tokens["pause M=1"] < tokens["pause M=8"]
     assert (tmp_path / "b" / "reasoning.json").is_file()
+    # a finished mode is reused by a later bench of the same settings, and refused for other settings
+    name, slug, run_args = bench.mode_runs(config, bench.QUICK + overrides, tmp_path / "b")[2]
+    assert bench.finished(tmp_path / "b" / slug, run_args)
+    assert bench.finished(tmp_path / "b" / slug, run_args + ["train.threads=2", "data.dir=elsewhere"])
+    with pytest.raises(SystemExit, match="model.num_pauses"):
+        bench.finished(tmp_path / "b" / slug, run_args + ["model.num_pauses=3"])

@@ -38,6 +38,10 @@ def test_baselines_on_hand_made_data():
     assert m["markov"]["recall@1"] == 0
     assert m["markov"]["recall@2"] == pytest.approx(0.25)
     assert m["markov"]["ndcg@2"] == pytest.approx(0.25 / math.log2(3))
+    # Fitted without the validation transitions (0->1 x3, 4->0, 5->3 remain), no user's last test-history
+    # item (2, 3, 1, 6) has a follower: all fall back to popularity, and u2's hit on 2 is lost.
+    assert evaluate.baseline_rankings(SEQUENCES, "test", k=2, fit="valid")["markov"].tolist() == [[0, 1]] * 4
+    assert m["markov_train_only"]["recall@2"] == 0
 
 
 def test_baselines_valid_split_excludes_test_and_valid_targets():
