@@ -38,11 +38,12 @@ class ModelConfig:
     n_layer: int = 4               # transformer blocks
     n_head: int = 4                # attention heads (d_model must divide by it)
     d_model: int = 128             # width
-    dropout: float = 0.0           # dropout on embeddings, attention weights and residual branches
+    dropout: float = 0.1           # dropout on embeddings, attention weights and residual branches
     max_len: int = 256             # learned positions: longest sequence the model can read
-    reasoning: str = "pause"       # none | pause | cot
-    num_pauses: int = 2            # M: <pause> tokens before the target (pause mode)
-    pause_layout: str = "target"   # target: M pauses before the target only | every_item: before every item
+    reasoning: str = "none"        # none | pause | cot (none won on Beauty validation: see README)
+    num_pauses: int = 2            # M: <pause> tokens before each predicted item (pause mode)
+    pause_layout: str = "every_item"  # every_item: all of a sequence's items trained in one pass, M pauses
+                                   #   before each | target: one example per target, M pauses before it only
     loss_on_history: bool = False  # also supervise the history items' SID tokens (all but the first item)
     rationale_file: str = ""       # cot: JSONL {"key": "<user>:<target>", "rationale": ..} replaces templates
     rationale_noise: float = 0.0   # cot: probability that a rationale is replaced by another item's template

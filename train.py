@@ -39,14 +39,15 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"         # auto | cpu | cuda | cuda:N | mps (under torchrun: cuda:LOCAL_RANK)
     threads: int = 0             # torch.set_num_threads (0: leave torch's default)
-    epochs: int = 10             # the cosine schedule spans all of them
-    batch_size: int = 256        # training sequences per step
+    epochs: int = 20             # the cosine schedule spans all of them
+    batch_size: int = 32         # training sequences per step (every_item: whole sequences, ~7 targets each)
     lr: float = 2e-3
     min_lr: float = 1e-5         # cosine decay ends here
     warmup_steps: int = 200
     weight_decay: float = 0.1
     grad_clip: float = 1.0
-    patience: int = 3            # stop after this many validations without a better NDCG@10 (0: never)
+    patience: int = 0            # stop after this many validations without a better NDCG@10 (0: never;
+                                 #   the best usually comes as the cosine schedule ends)
     log_every: int = 50
     resume: bool = False         # continue runs/<name>/last.pt
     amp: bool = False            # bf16 autocast in the training forward (meant for CUDA; works on CPU)

@@ -319,7 +319,8 @@ def test_gpt2_token_layout_is_the_scratch_layout_shifted(tmp_path):
 
 def test_titled_prompt_and_oldest_first_truncation(tmp_path):
     folder = write_checkpoint(tmp_path / "ckpt")
-    cfg, tok, codes, meta = gpt2_setup(folder, prompt="sids+titles", num_pauses=2, max_len=64)
+    cfg, tok, codes, meta = gpt2_setup(folder, prompt="sids+titles", reasoning="pause", num_pauses=2,
+                                       pause_layout="target", max_len=64)
     bpe = pr.BPETokenizer(folder)
     assert tok.item_titles[0] == bpe.encode(" Nail polish top coat")[: cfg.max_title_len]
     assert tok.item_titles[2] == []                                        # no title

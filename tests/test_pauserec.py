@@ -26,7 +26,7 @@ def setup(seed=0, reasoning="pause", M=2, layout="target", n=30, sizes=(3, 4, 5)
     torch.manual_seed(seed)
     codes = random_codes(seed, n, sizes)
     cfg = pr.ModelConfig(n_layer=2, n_head=2, d_model=32, max_len=128, reasoning=reasoning, num_pauses=M,
-                         pause_layout=layout, **kw)
+                         pause_layout=layout, **{"dropout": 0.0, **kw})
     tok = pr.Tokens(sizes, words, codes)
     model = pr.GPT(cfg, tok.size)
     with torch.no_grad():  # larger weights than GPT-2's init so items get clearly different scores
@@ -227,7 +227,7 @@ def test_every_item_layout():
     n_ids, n_mask = pr.build_sequence_example(tok, none, items)
     assert n_ids == [1] + sum((tok.sid(i) for i in items), []) and sum(n_mask) == 3 * L
     with pytest.raises(ValueError, match="every_item"):
-        pr.build_sequence_example(tok, pr.ModelConfig(pause_layout="target"), items)
+        pr.build_sequence_example(tok, pr.ModelConfig(reasoning="pause", pause_layout="target"), items)
 
 
 # ---------------------------------------------------------------------------------------------- beam search

@@ -64,7 +64,8 @@ def test_shard_weights_give_the_whole_batch_loss(size):
     """What DDP computes (the mean over ranks of each rank's weighted loss) is the one-process batch loss,
     also when a short batch leaves a rank without rows."""
     torch.manual_seed(0)
-    cfg = pauserec.ModelConfig(n_layer=1, n_head=2, d_model=16, num_pauses=2, loss_on_history=True)  # rows differ
+    cfg = pauserec.ModelConfig(n_layer=1, n_head=2, d_model=16, reasoning="pause", num_pauses=2, dropout=0.0,
+                               pause_layout="target", loss_on_history=True)  # rows differ
     tok = pauserec.Tokens([4, 4], codes=torch.tensor([[i // 4, i % 4] for i in range(16)]))
     model = pauserec.GPT(cfg, tok.size)
     g = torch.Generator().manual_seed(0)

@@ -13,9 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # A run small enough for a unit test: 300 users, 60 items, a 2-layer d=32 decoder.
 TINY = ["data.source=synthetic", "data.num_users=300", "data.num_items=60", "sid.codebook_size=8",
         "sid.embed_dim=32", "sid.hidden=[64]", "sid.latent_dim=8", "sid.epochs=20", "sid.batch_size=60",
-        "model.n_layer=2", "model.d_model=32", "model.n_head=2", "model.num_pauses=2",
+        "model.n_layer=2", "model.d_model=32", "model.n_head=2", "model.reasoning=pause", "model.num_pauses=2",
         "train.batch_size=32", "train.warmup_steps=5", "train.lr=3e-3", "train.patience=0",
-        "train.threads=1", "eval.batch_size=128", "model.pause_layout=target", "eval.every=0"]
+        "train.threads=1", "eval.batch_size=128", "model.pause_layout=target", "eval.every=0",
+        "model.dropout=0.0"]
 
 
 def tiny_args(tmp_path, *extra):
