@@ -35,14 +35,22 @@ import pauserec
 import sid
 
 
-def median_seconds(fn, reps=3):
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
+def interleaved_medians(fns, reps=3):
+    """Median seconds of each fn: all warmed up once, then `reps` rounds that call each fn in turn, so a
+    machine that speeds up or slows down over time (clocks, other load) shifts every fn alike."""
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, t in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+def median_seconds(fn, reps=3):
+    return interleaved_medians([fn], reps)[0]
 
 
 class TimedModel(torch.nn.Module):
@@ -229,8 +237,9 @@ def train_modes(args, runs):
             _, slug, run_args = pending.pop(0)
             log = Path(args.out) / f"{slug}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
-            proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("train.py")), *run_args],
-                                    stdout=log.open("w"), stderr=subprocess.STDOUT)
+            with log.open("w") as out:   # the child holds its own copy of the file
+                proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("train.py")), *run_args],
+                                        stdout=out, stderr=subprocess.STDOUT)
             active.append((proc, log))
         time.sleep(1)
         for proc, log in [a for a in active if a[0].poll() is not None]:
@@ -265,20 +274,6 @@ def train_steps(tok, mcfg, ds, max_history, batch_size, model, device, steps=20)
     return run, sum(len(examples[i][0]) for rows in order for i in rows)
 
 
-def interleaved_medians(fns, reps=3):
-    """Median seconds of each fn: all warmed up once, then `reps` rounds that call each fn in turn, so a
-    machine that speeds up or slows down over time (clocks, other load) shifts every fn alike."""
-    for fn in fns:
-        fn()
-    times = [[] for _ in fns]
-    for _ in range(reps):
-        for fn, t in zip(fns, times):
-            t0 = time.perf_counter()
-            fn()
-            t.append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
-
-
 def mode_runs(config, overrides, out_dir):
     """[(mode name, run folder name, train.py arguments)] of the reasoning table, one per mode."""
     runs = []
@@ -288,9 +283,8 @@ def mode_runs(config, overrides, out_dir):
     return runs
 
 
-# Settings that say where files live or what runs the code: a run moved to another machine is the same run.
-WHERE = {("data", "dir"), ("data", "download"), ("model", "gpt2_dir"), ("model", "gpt2_url"), ("train", "out_dir"),
-         ("train", "sid_cache"), ("train", "device"), ("train", "threads"), ("train", "resume")}
+# Train settings that name a run or say what runs it: a run moved to another machine is the same run.
+RUN_KEYS = {"train.name", "train.out_dir", "train.sid_cache", "train.device", "train.threads", "train.resume"}
 
 
 def finished(run_dir, run_args):
@@ -302,10 +296,9 @@ def finished(run_dir, run_args):
     import train
     resolved = {k: asdict(v) for k, v in data.load_config(run_args[0], run_args[1:], train.SECTIONS).items()}
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    diff = [f"{s}.{k}" for s in resolved for k in resolved[s]
-            if (s, k) not in WHERE and saved.get(s, {}).get(k) != resolved[s][k]]
+    diff = train.changed_settings(saved, resolved, sections=resolved, ignore=RUN_KEYS)
     if diff:
-        sys.exit(f"bench.py reasoning: {run_dir} holds a run with other settings ({', '.join(diff)}): "
+        sys.exit(f"bench.py reasoning: {run_dir} holds a run with other settings ({'; '.join(diff)}): "
                  f"pass another --out")
     print(f"reusing the finished run {run_dir}")
     return True

@@ -180,13 +180,18 @@ def set_rng_state(state):
     np.random.set_state(state["numpy"])
 
 
+def changed_settings(saved: dict, resolved: dict, sections=("data", "sid", "model"), ignore=()) -> list[str]:
+    """'section.key: old -> new' for every setting of `sections` that differs from a saved config.yaml.
+    Where files live (data.dir, model.gpt2_dir, *_url, data.download) may change; keys new since, and the
+    'section.key' names in `ignore`, are skipped."""
+    return [f"{s}.{k}: {saved[s][k]!r} -> {v!r}" for s in sections for k, v in resolved[s].items()
+            if k in saved.get(s, {}) and saved[s][k] != v and f"{s}.{k}" not in ignore
+            and not (k in ("dir", "download") or k.endswith(("_dir", "_url")))]
+
+
 def check_resume(run_dir: Path, resolved: dict):
     """last.pt only fits the data, SIDs and model it was trained with: name every setting that changed."""
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    # where files live (data.dir, model.gpt2_dir, *_url, data.download) may change; keys new since are skipped
-    changed = [f"{s}.{k}: {saved[s][k]!r} -> {v!r}" for s in ("data", "sid", "model") for k, v in resolved[s].items()
-               if k in saved.get(s, {}) and saved[s][k] != v
-               and not (k in ("dir", "download") or k.endswith(("_dir", "_url")))]
+    changed = changed_settings(yaml.safe_load((run_dir / "config.yaml").read_text()), resolved)
     if changed:
         raise ValueError(f"{run_dir / 'last.pt'} comes from another config ({'; '.join(changed)}): resume with "
                          f"the saved settings, or start a new run with train.name=<other>")
