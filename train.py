@@ -39,7 +39,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"         # auto | cpu | cuda | cuda:N | mps (under torchrun: cuda:LOCAL_RANK)
     threads: int = 0             # torch.set_num_threads (0: leave torch's default)
-    epochs: int = 20             # the cosine schedule spans all of them
+    epochs: int = 40             # the cosine schedule spans all of them
     batch_size: int = 32         # training sequences per step (every_item: whole sequences, ~7 targets each)
     lr: float = 2e-3
     min_lr: float = 1e-5         # cosine decay ends here
