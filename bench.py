@@ -220,7 +220,8 @@ MODES = [("none", ["model.reasoning=none", "model.num_pauses=0"])] + \
 
 QUICK = ["data.num_users=400", "data.num_items=80", "sid.codebook_size=8", "sid.embed_dim=32", "sid.hidden=[64]",
          "sid.latent_dim=8", "sid.epochs=20", "sid.batch_size=80", "model.n_layer=2", "model.d_model=32",
-         "model.n_head=2", "train.epochs=3", "train.batch_size=32", "train.warmup_steps=5", "train.patience=0"]
+         "model.n_head=2", "train.epochs=3", "train.batch_size=32", "train.warmup_steps=5", "train.patience=0",
+         "train.refit_epochs=0"]
 
 
 def train_modes(args, runs):

@@ -6,7 +6,9 @@
     torchrun --nproc_per_node=4 train.py configs/beauty.yaml data.dir=PATH   # data parallel on 4 GPUs
 
 Writes runs/<name>/: config.yaml, sids.pt, model.pt (best on validation NDCG@10), last.pt (for resume),
-log.jsonl and metrics.json. The test split is evaluated once, at the end, with the best checkpoint.
+log.jsonl and metrics.json. The test split is evaluated once, at the end, with the best checkpoint --
+with train.refit_epochs > 0, after that checkpoint has also trained on the validation targets (model.pt is
+then the refit model, and model_valid.pt the checkpoint chosen on validation).
 """
 import hashlib
 import json
@@ -14,9 +16,10 @@ import math
 import os
 import random
 import re
+import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +55,10 @@ class TrainConfig:
     resume: bool = False         # continue runs/<name>/last.pt
     amp: bool = False            # bf16 autocast in the training forward (meant for CUDA; works on CPU)
     compile: bool = False        # torch.compile the training forward (evaluation runs uncompiled)
+    refit_epochs: int = 4        # after choosing the checkpoint on validation, train it this many epochs more on
+                                 #   sequences that keep their validation item (what the test input and the
+                                 #   Markov baseline see), then test; 0: test the chosen checkpoint as it is
+    refit_lr: float = 5e-4       # the refit's peak lr (fresh AdamW state, warmup_steps, cosine to min_lr)
 
 
 SECTIONS = {"data": data.DataConfig, "sid": sid.SIDConfig, "model": pauserec.ModelConfig,
@@ -62,10 +69,10 @@ def check_train_config(cfg: TrainConfig):
     for key in ("epochs", "batch_size", "log_every"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"train.{key} must be > 0, got {getattr(cfg, key)}")
-    for key in ("lr", "grad_clip"):
+    for key in ("lr", "grad_clip", "refit_lr"):
         if getattr(cfg, key) <= 0:
             raise ValueError(f"train.{key} must be > 0, got {getattr(cfg, key)}")
-    for key in ("min_lr", "warmup_steps", "weight_decay", "patience", "threads"):
+    for key in ("min_lr", "warmup_steps", "weight_decay", "patience", "threads", "refit_epochs"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"train.{key} must be >= 0, got {getattr(cfg, key)}")
     if not re.fullmatch(r"auto|cpu|cuda|cuda:\d+|mps", cfg.device):
@@ -131,23 +138,24 @@ def fetch_gpt2(mcfg):
 # ----------------------------------------------------------------------------------------------
 # Training examples: token ids and loss masks, built once
 
-def training_examples(tok, mcfg, ds, split, max_history, rng):
-    """[(ids, loss_mask)] for the training targets of every user.
+def training_examples(tok, mcfg, ds, split, max_history, rng, refit=False):
+    """[(ids, loss_mask)] for the training targets of every user (refit: and the validation targets).
 
     Layout 'every_item' trains all of a user's positions in one sequence: the training part of each
-    sequence (all but the last two items) is cut into windows of max_history + 1 items.
+    sequence (all but the last two items; refit: all but the last) is cut into windows of max_history + 1 items.
     """
     if mcfg.pause_layout == "every_item":
         out = []
-        for seq in data.train_part(ds.sequences, "valid"):
+        for seq in data.train_part(ds.sequences, "test" if refit else "valid"):
             for end in range(len(seq), 1, -max_history):
                 out.append(pauserec.build_sequence_example(tok, mcfg, seq[max(0, end - max_history - 1):end]))
         return out
+    targets = split["train"] + (split["valid"] if refit else [])
     rationales = None
     if mcfg.reasoning == "cot":
-        rationales = pauserec.example_rationales(tok, mcfg, split["train"], ds.item_meta, rng)
+        rationales = pauserec.example_rationales(tok, mcfg, targets, ds.item_meta, rng)
     return [pauserec.build_example(tok, mcfg, ex.history, ex.target, rationales[i] if rationales else None)
-            for i, ex in enumerate(split["train"])]
+            for i, ex in enumerate(targets)]
 
 
 def batches(examples, batch_size, generator):
@@ -286,6 +294,8 @@ def main(argv):
     trie = pauserec.SIDTrie(codes)
     rng = random.Random(tcfg.seed)
     examples = training_examples(tok, mcfg, ds, split, cfg["data"].max_history, rng)
+    refit_examples = training_examples(tok, mcfg, ds, split, cfg["data"].max_history, rng, refit=True) \
+        if tcfg.refit_epochs else []
     valid = split["valid"]
     if 0 < ecfg.valid_users < len(valid):   # a fixed sample, the same at every validation
         valid = [valid[i] for i in sorted(random.Random(tcfg.seed).sample(range(len(valid)), ecfg.valid_users))]
@@ -300,12 +310,15 @@ def main(argv):
                                    {"params": no_decay, "weight_decay": 0.0}], lr=tcfg.lr, betas=(0.9, 0.98))
     steps_per_epoch = math.ceil(len(examples) / tcfg.batch_size)
     total_steps = tcfg.epochs * steps_per_epoch
-    step, best, bad_evals, train_seconds, train_tokens = 0, -1.0, 0, 0.0, 0
+    refit_steps_per_epoch = math.ceil(len(refit_examples) / tcfg.batch_size)
+    refit_total = tcfg.refit_epochs * refit_steps_per_epoch
+    step, refit_step, best, bad_evals, train_seconds, train_tokens = 0, 0, -1.0, 0, 0.0, 0
     if tcfg.resume:
         state = torch.load(last_path, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         step, best, bad_evals = state["step"], state["best"], state["bad_evals"]
+        refit_step = state.get("refit_step", 0)
         train_seconds, train_tokens = state["train_seconds"], state["train_tokens"]
         ranks = state.get("rng_ranks") or []
         set_rng_state(ranks[rank] if len(ranks) == world else state["rng"])
@@ -331,7 +344,7 @@ def main(argv):
             dist.all_gather_object(rngs, rng_state())
         if rank == 0:
             atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                         "best": best, "bad_evals": bad_evals, "train_seconds": train_seconds,
+                         "refit_step": refit_step, "best": best, "bad_evals": bad_evals, "train_seconds": train_seconds,
                          "train_tokens": train_tokens, "rng": rng_state(), "rng_ranks": rngs}, last_path)
 
     def log(record):
@@ -339,44 +352,50 @@ def main(argv):
             with open(run_dir / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
 
+    def train_step(exs, rows, lr, counter, n, epoch):
+        """One optimizer step on rows of exs, the n-th of `counter` ("step" | "refit_step"); every log_every
+        steps the loss goes to the bar and log.jsonl."""
+        nonlocal train_seconds, train_tokens, tokens, t_log
+        t_step = time.time()
+        train_loss.train()
+        mine, weight = shard(rows, exs, rank, world)   # all rows when world == 1
+        ids, loss_mask = pauserec.collate([exs[i] for i in mine], tok.PAD)
+        ids, loss_mask = ids.to(device), loss_mask.to(device)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with autocast:
+            loss = train_loss(ids, loss_mask)
+        optimizer.zero_grad(set_to_none=True)
+        (loss * weight).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        optimizer.step()
+        real_tokens = sum(len(exs[i][0]) for i in rows)  # the whole batch, on every rank
+        tokens, train_tokens = tokens + real_tokens, train_tokens + real_tokens
+        train_seconds += time.time() - t_step
+        bar.update(1)
+        if n % tcfg.log_every == 0:
+            if world > 1:  # the whole batch's mean loss, as one process would log it
+                loss = (loss * weight).detach()
+                dist.all_reduce(loss)
+                loss /= world
+            rate = tokens / (time.time() - t_log)
+            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:.0f}")
+            log({counter: n, "epoch": epoch, "loss": round(loss.item(), 4), "lr": lr, "tokens_per_s": round(rate)})
+            tokens, t_log = 0, time.time()
+
     # --- training loop -------------------------------------------------------------------------
     eval_every = ecfg.every or steps_per_epoch
-    stop = False
-    bar = tqdm(total=total_steps, initial=step, desc="train", disable=None if rank == 0 else True)
+    stop = bool(tcfg.patience and bad_evals >= tcfg.patience)   # a resumed run that had stopped early
+    bar = tqdm(total=total_steps + refit_total, initial=step + refit_step, desc="train",
+               disable=None if rank == 0 else True)
     tokens, t_log = 0, time.time()
     while step < total_steps and not stop:
         epoch, skip = divmod(step, steps_per_epoch)
         # The order of an epoch depends only on (seed, epoch): a resumed run replays it exactly.
         order = batches(examples, tcfg.batch_size, torch.Generator().manual_seed(tcfg.seed * 1000 + epoch))
         for rows in order[skip:]:
-            t_step = time.time()
-            train_loss.train()
-            mine, weight = shard(rows, examples, rank, world)   # all rows when world == 1
-            ids, loss_mask = pauserec.collate([examples[i] for i in mine], tok.PAD)
-            ids, loss_mask = ids.to(device), loss_mask.to(device)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, total_steps, tcfg)
-            with autocast:
-                loss = train_loss(ids, loss_mask)
-            optimizer.zero_grad(set_to_none=True)
-            (loss * weight).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-            optimizer.step()
+            train_step(examples, rows, lr_at(step, total_steps, tcfg), "step", step + 1, epoch)
             step += 1
-            real_tokens = sum(len(examples[i][0]) for i in rows)  # the whole batch, on every rank
-            tokens, train_tokens = tokens + real_tokens, train_tokens + real_tokens
-            train_seconds += time.time() - t_step
-            bar.update(1)
-            if step % tcfg.log_every == 0:
-                if world > 1:  # the whole batch's mean loss, as one process would log it
-                    loss = (loss * weight).detach()
-                    dist.all_reduce(loss)
-                    loss /= world
-                rate = tokens / (time.time() - t_log)
-                bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:.0f}")
-                log({"step": step, "epoch": epoch, "loss": round(loss.item(), 4),
-                     "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": round(rate)})
-                tokens, t_log = 0, time.time()
             if step % eval_every == 0 or step == total_steps:
                 metrics = evaluate.evaluate_model(model, tok, mcfg, trie, valid, ecfg, device, "valid", rank, world)
                 better = metrics["ndcg@10"] > best
@@ -392,20 +411,47 @@ def main(argv):
                     tqdm.write(f"early stop: {bad_evals} validations without improvement")
                     stop = True
                     break
-    bar.close()
 
-    # --- test, once, with the best checkpoint ----------------------------------------------------
+    # --- refit: the chosen checkpoint also learns the validation targets (no validation from here on) --
     if world > 1:
         dist.barrier()  # model.pt is written by rank 0
+    if refit_total and refit_step == 0:   # start: the checkpoint chosen on validation, a fresh optimizer
+        if rank == 0:
+            shutil.copyfile(run_dir / "model.pt", run_dir / "model_valid.pt")
+        model.load_state_dict(torch.load(run_dir / "model.pt", map_location=device, weights_only=True)["model"])
+        optimizer.state.clear()
+    refit_cfg = replace(tcfg, lr=tcfg.refit_lr)
+    while refit_step < refit_total:
+        epoch, skip = divmod(refit_step, refit_steps_per_epoch)
+        order = batches(refit_examples, tcfg.batch_size,   # refit epochs number on after the main ones
+                        torch.Generator().manual_seed(tcfg.seed * 1000 + tcfg.epochs + epoch))
+        for rows in order[skip:]:
+            train_step(refit_examples, rows, lr_at(refit_step, refit_total, refit_cfg),
+                       "refit_step", refit_step + 1, tcfg.epochs + epoch)
+            refit_step += 1
+        checkpoint()
+    # model.pt is replaced only once last.pt holds the refit's end: a resume never mistakes it for the chosen one
+    if refit_total and rank == 0:
+        chosen_step = torch.load(run_dir / "model_valid.pt", weights_only=True)["step"]
+        atomic_save({"model": model.state_dict(), "words": words, "step": chosen_step,
+                     "refit_epochs": tcfg.refit_epochs}, run_dir / "model.pt")
+    bar.close()
+
+    # --- validation (all users) of the chosen checkpoint; test, once, with model.pt -----------------
+    if world > 1:
+        dist.barrier()  # model.pt is written by rank 0
+    chosen = run_dir / ("model_valid.pt" if refit_total else "model.pt")
+    model.load_state_dict(torch.load(chosen, map_location=device, weights_only=True)["model"])
+    valid_full = evaluate.evaluate_model(model, tok, mcfg, trie, split["valid"], ecfg, device, "valid", rank, world)
     best_state = torch.load(run_dir / "model.pt", map_location=device, weights_only=True)
     model.load_state_dict(best_state["model"])
-    valid_full = evaluate.evaluate_model(model, tok, mcfg, trie, split["valid"], ecfg, device, "valid", rank, world)
     test = evaluate.evaluate_model(model, tok, mcfg, trie, split["test"], ecfg, device, "test", rank, world)
     metrics = {"valid": valid_full, "test": test,
                "baselines": evaluate.baseline_metrics(ds.sequences, "test", ecfg.ks),
                "baselines_valid": evaluate.baseline_metrics(ds.sequences, "valid", ecfg.ks),
                "train_seconds": round(train_seconds, 1), "train_tokens": train_tokens,
                "best_step": best_state["step"], "steps": step, "steps_per_epoch": steps_per_epoch,
+               "refit_steps": refit_step,
                "sid": sid_health}
     if rank == 0:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))

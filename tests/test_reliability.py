@@ -215,13 +215,18 @@ def test_bad_input(tmp_path, tiny_run, case):
 # ----------------------------------------------------------------------------------------------
 # Kill safety
 
-def test_kill_resume(tmp_path):
-    """SIGKILL a training subprocess at a random step after its first checkpoint, resume it, and compare
-    the final weights with those of an uninterrupted run (CPU, one thread: deterministic)."""
-    common = ["train.epochs=2", "eval.every=5", "model.dropout=0.1", "eval.valid_users=50", "train.log_every=1"]
+@pytest.mark.parametrize("refit", [False, True])
+def test_kill_resume(tmp_path, refit):
+    """SIGKILL a training subprocess at a random step after its first checkpoint (refit: in the second of two
+    refit epochs), resume it, and compare the final weights with those of an uninterrupted run (CPU, one
+    thread: deterministic)."""
+    common = ["train.epochs=2", "eval.every=5", "model.dropout=0.1", "eval.valid_users=50", "train.log_every=1",
+              f"train.refit_epochs={2 if refit else 0}"]
     train.main(train_args(tmp_path / "full", *common))
     full = torch.load(tmp_path / "full" / "runs" / "demo" / "last.pt", weights_only=False)
-    kill_at = random.Random(8).randrange(6, full["step"])   # the first checkpoint is at step 5
+    per_refit_epoch = full["refit_step"] // 2
+    counter, kill_at = ("refit_step", random.Random(8).randrange(per_refit_epoch + 1, full["refit_step"])) if refit \
+        else ("step", random.Random(8).randrange(6, full["step"]))   # the first checkpoint is at step 5
 
     killed = tmp_path / "killed"
     cmd = [sys.executable, str(ROOT / "train.py"), *train_args(killed, *common)]
@@ -229,17 +234,25 @@ def test_kill_resume(tmp_path):
     log = killed / "runs" / "demo" / "log.jsonl"
     deadline = time.time() + 120
     while proc.poll() is None and time.time() < deadline:
-        steps = [json.loads(line)["step"] for line in log.read_text().splitlines()] if log.exists() else []
+        steps = [r.get(counter, 0) for r in map(json.loads, log.read_text().splitlines())] if log.exists() else []
         if steps and steps[-1] >= kill_at:
             break
         time.sleep(0.01)
-    assert proc.poll() is None, f"the run ended before step {kill_at}"
+    assert proc.poll() is None, f"the run ended before {counter} {kill_at}"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert 5 <= torch.load(killed / "runs" / "demo" / "last.pt", weights_only=False)["step"] < full["step"]
+    at_kill = torch.load(killed / "runs" / "demo" / "last.pt", weights_only=False)
+    if refit:   # the refit's first epoch is checkpointed; model.pt is still the checkpoint chosen on validation
+        assert at_kill["step"] == full["step"] and at_kill["refit_step"] == per_refit_epoch
+        assert "refit_epochs" not in torch.load(killed / "runs" / "demo" / "model.pt", weights_only=True)
+    else:
+        assert 5 <= at_kill["step"] < full["step"]
     subprocess.run(cmd + ["train.resume=true"], check=True, env=ENV, cwd=ROOT, capture_output=True)
 
     resumed = torch.load(killed / "runs" / "demo" / "last.pt", weights_only=False)
-    assert resumed["step"] == full["step"]
+    assert (resumed["step"], resumed["refit_step"]) == (full["step"], full["refit_step"])
     for name, tensor in full["model"].items():
         assert torch.equal(tensor, resumed["model"][name]), name
+    for name in ("model.pt", "model_valid.pt") if refit else ("model.pt",):
+        a, b = (torch.load(f / "runs" / "demo" / name, weights_only=True) for f in (tmp_path / "full", killed))
+        assert a["step"] == b["step"] and all(torch.equal(t, b["model"][k]) for k, t in a["model"].items()), name

@@ -1,7 +1,9 @@
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import data
@@ -16,7 +18,7 @@ TINY = ["data.source=synthetic", "data.num_users=300", "data.num_items=60", "sid
         "model.n_layer=2", "model.d_model=32", "model.n_head=2", "model.reasoning=pause", "model.num_pauses=2",
         "train.batch_size=32", "train.warmup_steps=5", "train.lr=3e-3", "train.patience=0",
         "train.threads=1", "eval.batch_size=128", "model.pause_layout=target", "eval.every=0",
-        "model.dropout=0.0"]
+        "model.dropout=0.0", "train.refit_epochs=0"]
 
 
 def tiny_args(tmp_path, *extra):
@@ -75,6 +77,31 @@ def test_tiny_run_learns_and_evaluate_reproduces_test(tmp_path, capsys):
     again = evaluate.main([str(run), "eval.batch_size=7"])
     for k in ("recall@5", "recall@10", "ndcg@5", "ndcg@10"):
         assert again[k] == metrics["test"][k]
+
+
+def test_refit_trains_the_chosen_checkpoint_on_the_validation_targets(tmp_path):
+    """refit_epochs > 0: the checkpoint chosen on validation (kept as model_valid.pt) trains on the validation
+    targets too; model.pt is the refit model, and evaluate.py reproduces its test numbers."""
+    metrics = train.main(tiny_args(tmp_path, "train.epochs=3", "train.refit_epochs=2", "train.refit_lr=3e-3",
+                                   "model.pause_layout=every_item"))
+    run = tmp_path / "runs" / "demo"
+    chosen, refit = (torch.load(run / name, weights_only=True) for name in ("model_valid.pt", "model.pt"))
+    assert refit["step"] == chosen["step"] == metrics["best_step"] and refit["refit_epochs"] == 2
+    assert metrics["refit_steps"] > 0 and any(not torch.equal(t, refit["model"][k]) for k, t in chosen["model"].items())
+
+    cfg, ds, codes, tok, model = evaluate.load_run(run)
+    # refit examples: every user's sequence up to its validation target (the first window of each user ends there)
+    examples = train.training_examples(tok, cfg["model"], ds, None, cfg["data"].max_history, None, refit=True)
+    windows = [len(range(len(s) - 1, 1, -cfg["data"].max_history)) for s in ds.sequences]
+    assert len(examples) == sum(windows)
+    firsts = [examples[sum(windows[:u])][0] for u in range(len(ds.sequences))]
+    assert all(ids[-len(tok.sid(s[-2])):] == tok.sid(s[-2]) for ids, s in zip(firsts, ds.sequences))
+    split = data.leave_one_out(ds.sequences, cfg["data"].max_history)   # layout target: one example per target
+    target = train.training_examples(tok, replace(cfg["model"], pause_layout="target"), ds, split,
+                                     cfg["data"].max_history, None, refit=True)
+    assert len(target) == len(split["train"]) + len(split["valid"])
+    again = evaluate.main([str(run)])
+    assert all(again[k] == metrics["test"][k] for k in ("recall@5", "recall@10", "ndcg@5", "ndcg@10"))
 
 
 def test_existing_run_needs_resume_flag(tmp_path):
