@@ -440,10 +440,11 @@ def main(argv):
     # --- validation (all users) of the chosen checkpoint; test, once, with model.pt -----------------
     if world > 1:
         dist.barrier()  # model.pt is written by rank 0
-    chosen = run_dir / ("model_valid.pt" if refit_total else "model.pt")
-    model.load_state_dict(torch.load(chosen, map_location=device, weights_only=True)["model"])
+    best_state = torch.load(run_dir / "model.pt", map_location=device, weights_only=True)   # the model tested
+    chosen_state = torch.load(run_dir / "model_valid.pt", map_location=device, weights_only=True) \
+        if refit_total else best_state
+    model.load_state_dict(chosen_state["model"])
     valid_full = evaluate.evaluate_model(model, tok, mcfg, trie, split["valid"], ecfg, device, "valid", rank, world)
-    best_state = torch.load(run_dir / "model.pt", map_location=device, weights_only=True)
     model.load_state_dict(best_state["model"])
     test = evaluate.evaluate_model(model, tok, mcfg, trie, split["test"], ecfg, device, "test", rank, world)
     metrics = {"valid": valid_full, "test": test,
