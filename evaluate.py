@@ -29,6 +29,7 @@ class EvalConfig:
     batch_size: int = 256        # users per beam-search batch
     every: int = 0               # validate every this many training steps (0: once per epoch)
     valid_users: int = 5000      # validate on a fixed random sample of users (0: all); test always uses all
+    select: str = "ndcg@10"      # the validation metric that chooses the checkpoint: recall@K | ndcg@K, K in ks
 
 
 def check_eval_config(cfg: EvalConfig):
@@ -38,6 +39,10 @@ def check_eval_config(cfg: EvalConfig):
         raise ValueError(f"eval.beam_size ({cfg.beam_size}) must be >= the largest K in eval.ks ({max(cfg.ks)})")
     if cfg.batch_size < 1:
         raise ValueError(f"eval.batch_size must be > 0, got {cfg.batch_size}")
+    computed = [f"{m}@{k}" for m in ("recall", "ndcg") for k in cfg.ks]
+    if cfg.select not in computed:
+        raise ValueError(f"eval.select={cfg.select} is not computed with eval.ks={cfg.ks}: set eval.select to one "
+                         f"of {', '.join(computed)}, or add its K to eval.ks")
 
 
 # ----------------------------------------------------------------------------------------------
