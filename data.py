@@ -287,8 +287,15 @@ def order_by_time(per_user: list[list[tuple[int, int]]], ties: str, seed: int) -
 
 
 # -----------------------------------------------------------------------------
-# synthetic catalogue: items in categories with shared words; users walk hidden "routes" so that the next
-# item is set by the route (readable from the last two items), not by the last item alone
+# synthetic catalogue: every item is one brand's product of one type, and its title says both. A user keeps to
+# one brand and buys its products in a fixed routine of types (cleanser, then toner, ...); now and then (noise)
+# the product of the routine's type comes from another brand instead. So the next item is read from the whole
+# history (the brand most of it holds, the type after the last one), not from the last item alone, and the
+# item text carries both: SIDs learnt from it can share what one brand's users teach with the others.
+
+PRODUCT_TYPES = ("cleanser", "toner", "serum", "essence", "moisturizer", "sunscreen", "mask", "exfoliator",
+                 "eye cream", "lip balm")   # the routine's order; a user starts anywhere in it and wraps around
+NOISE = 0.3                                 # chance that a purchase is another brand's product of the type
 
 
 def _word(rng: random.Random, used: set) -> str:
@@ -300,48 +307,33 @@ def _word(rng: random.Random, used: set) -> str:
 
 def load_synthetic(cfg: DataConfig) -> Dataset:
     check_template(cfg.item_text)
-    if cfg.num_items < 20 or cfg.num_users < 1:
-        raise ValueError(f"data.num_items must be >= 20 and data.num_users >= 1, "
-                         f"got {cfg.num_items} and {cfg.num_users}")
+    n_types = len(PRODUCT_TYPES)
+    if cfg.num_items < 2 * n_types or cfg.num_items % n_types or cfg.num_users < 1:
+        raise ValueError(f"data.num_items must be a multiple of {n_types} (one product of each type per brand), "
+                         f">= {2 * n_types}, and data.num_users >= 1; got {cfg.num_items} and {cfg.num_users}")
     rng, used = random.Random(cfg.seed), set()
-    n_cat = min(10, cfg.num_items // 10)
-    cat_names = [_word(rng, used).capitalize() for _ in range(n_cat)]
-    cat_words = [[_word(rng, used) for _ in range(12)] for _ in range(n_cat)]  # vocabulary per category
-    brands = [[_word(rng, used).capitalize() for _ in range(4)] for _ in range(n_cat)]  # 4 per category
-    item_cat = [i % n_cat for i in range(cfg.num_items)]
-    rng.shuffle(item_cat)
-    by_cat = [[i for i, c in enumerate(item_cat) if c == k] for k in range(n_cat)]
-    item_meta = []
-    for c in item_cat:
-        title = " ".join(rng.sample(cat_words[c], 3)) + " " + rng.choice(["set", "kit", "pack", "mini"])
-        price = round(rng.uniform(2, 60), 2)
-        item_meta.append({"title": title, "brand": rng.choice(brands[c]), "price": price,
-                          "categories": [["Synthetic", cat_names[c]]], "category": cat_names[c]})
-    # routes: ~15 items of a primary and ~5 of a secondary category; each item lies on ~8 routes, so the
-    # last item alone leaves several possible successors while the pair (prev, last) mostly fixes one
-    routes = []
-    for _ in range(max(1, 8 * cfg.num_items // 20)):
-        c1 = rng.randrange(n_cat)
-        c2 = (c1 + rng.randrange(1, n_cat)) % n_cat
-        route = rng.sample(by_cat[c1], min(15, len(by_cat[c1])))
-        route += rng.sample(by_cat[c2], min(5, len(by_cat[c2])))
-        rng.shuffle(route)
-        routes.append((c1, route))
+    n_brands = cfg.num_items // n_types
+    brands = [_word(rng, used).capitalize() for _ in range(n_brands)]
+    lines = [_word(rng, used).capitalize() for _ in range(min(10, n_brands))]   # brand lines: a category level
+    index = list(range(cfg.num_items))
+    rng.shuffle(index)                                     # item indices carry no structure
+    item_of = [[index[b * n_types + k] for k in range(n_types)] for b in range(n_brands)]   # [brand][type]
+    prices = [float(rng.randrange(2, 60)) for _ in range(n_brands)]   # one price tier per brand
+    item_meta = [None] * cfg.num_items
+    for b in range(n_brands):
+        for k, kind in enumerate(PRODUCT_TYPES):
+            item_meta[item_of[b][k]] = {
+                "title": f"{brands[b]} {kind}", "brand": brands[b], "price": prices[b],
+                "categories": [["Synthetic", lines[b % len(lines)], kind.capitalize()]], "category": kind.capitalize()}
+    weights = [1 / (b + 1) ** 0.5 for b in range(n_brands)]   # some brands have many more users than others
     sequences = []
     for _ in range(cfg.num_users):
-        c1, route = rng.choice(routes)
-        n = min(5 + int(rng.expovariate(1 / 5)), 20)
-        pos = rng.randrange(max(1, len(route) - n + 1))
+        loyal = rng.choices(range(n_brands), weights)[0]
+        first, n = rng.randrange(n_types), min(5 + int(rng.expovariate(1 / 3)), n_types)
         seq = []
-        while len(seq) < n:
-            if pos < len(route) and rng.random() > 0.15:  # follow the route ...
-                item, pos = route[pos], pos + 1
-            else:  # ... or a noise item of the taste category, after which the route goes on
-                item = rng.choice(by_cat[c1])
-            if item not in seq:
-                seq.append(item)
-            elif pos >= len(route):  # past the route's end a repeat is replaced by any unseen item
-                seq.append(rng.choice([i for i in range(cfg.num_items) if i not in seq]))
+        for j in range(n):  # n <= n_types: the routine never comes back to a type, so items never repeat
+            brand = rng.randrange(n_brands) if rng.random() < NOISE else loyal
+            seq.append(item_of[brand][(first + j) % n_types])
         sequences.append(seq)
     item_ids = [f"item{i:04d}" for i in range(cfg.num_items)]
     texts = [render_text(cfg.item_text, m) for m in item_meta]

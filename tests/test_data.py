@@ -5,6 +5,7 @@ import random
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -235,34 +236,41 @@ def test_synthetic_determinism_and_shape():
     assert a.sequences != b.sequences
     assert len(a.user_ids) == 2000 and len(a.item_ids) == len(a.item_text) == len(a.item_meta) == 500
     assert a.item_ids[0] == "item0000" and a.user_ids[-1] == "user1999"
-    assert all(5 <= len(s) <= 20 and len(set(s)) == len(s) for s in a.sequences)
+    assert all(5 <= len(s) <= 10 and len(set(s)) == len(s) for s in a.sequences)
     assert all(0 <= i < 500 for s in a.sequences for i in s)
     counts = [0] * 500
     for s in a.sequences:
         for i in s:
             counts[i] += 1
-    assert sum(c >= 5 for c in counts) > 0.95 * 500
-    # item text shares words within a category
+    assert sum(c >= 5 for c in counts) > 0.9 * 500
+    # every item is one brand's product of one type, and its text names both
     m = a.item_meta
-    assert len({x["category"] for x in m}) == 10
-    assert all(x["category"] in t and x["brand"] in t for x, t in zip(m, a.item_text))
+    assert len({x["category"] for x in m}) == 10 and len({x["brand"] for x in m}) == 50
+    assert len({(x["brand"], x["category"]) for x in m}) == 500
+    assert all(x["category"].lower() in t and x["brand"] in t for x, t in zip(m, a.item_text))
     split = data.leave_one_out(a.sequences, 20)
     assert len(split["test"]) == 2000
+    with pytest.raises(ValueError, match="multiple of 10"):
+        data.load_dataset(data.DataConfig(source="synthetic", num_items=55))
 
 
-def test_synthetic_needs_more_than_last_item():
-    # the next item is much better predicted from (prev, last) than from last alone
-    s = data.load_dataset(data.DataConfig(source="synthetic")).sequences
-    first, second = {}, {}
-    for seq in s:
-        for t in range(2, len(seq)):
-            first.setdefault(seq[t - 1], {}).setdefault(seq[t], 0)
-            first[seq[t - 1]][seq[t]] += 1
-            second.setdefault((seq[t - 2], seq[t - 1]), {}).setdefault(seq[t], 0)
-            second[(seq[t - 2], seq[t - 1])][seq[t]] += 1
-    def top(table):  # accuracy of predicting the most frequent successor
-        return sum(max(d.values()) for d in table.values()) / sum(sum(d.values()) for d in table.values())
-    assert top(second) > top(first) + 0.2
+def test_synthetic_next_item_needs_the_whole_history():
+    """The next item is the user's brand's product of the type after the last one: read from the history (the
+    brand most of it holds), it is predicted far better than from the last item alone (Markov's top successor)."""
+    ds = data.load_dataset(data.DataConfig(source="synthetic"))
+    kind = {i: data.PRODUCT_TYPES.index(m["category"].lower()) for i, m in enumerate(ds.item_meta)}
+    item = {(m["brand"], kind[i]): i for i, m in enumerate(ds.item_meta)}
+    follow = {}
+    for seq in ds.sequences:
+        for a, b in zip(seq[:-2], seq[1:-1]):          # transitions without the test targets
+            follow.setdefault(a, Counter())[b] += 1
+    rule = markov = 0
+    for seq in ds.sequences:
+        history, target = seq[:-1], seq[-1]
+        brand = Counter(ds.item_meta[i]["brand"] for i in history).most_common(1)[0][0]
+        rule += item[(brand, (kind[history[-1]] + 1) % len(data.PRODUCT_TYPES))] == target
+        markov += bool(follow.get(history[-1])) and follow[history[-1]].most_common(1)[0][0] == target
+    assert rule / len(ds.sequences) > markov / len(ds.sequences) + 0.1
 
 
 # ------------------------------------------------------------------------- download
