@@ -520,8 +520,8 @@ TRACEBACK_NOTE = ("A user error (bad value, missing file, ...) ends as one line 
 
 def cli_help(doc: str, sections: dict) -> str:
     """What --help prints: the script's docstring, then every config key with its default and meaning."""
-    return (f"{doc.strip()}\n\nConfig keys, set as section.key=value on the command line (default, meaning):\n"
-            f"{config_help(sections)}\n\n{TRACEBACK_NOTE}")
+    keys = f"Config keys, set as section.key=value on the command line (default, meaning):\n{config_help(sections)}"
+    return "\n\n".join(part for part in (doc.strip(), keys, TRACEBACK_NOTE) if part)
 
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)   # what this project raises for user mistakes
