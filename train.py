@@ -4,6 +4,7 @@
     python train.py configs/beauty.yaml data.dir=PATH       # Amazon Beauty
     python train.py configs/beauty.yaml train.resume=true   # continue an interrupted run
     torchrun --nproc_per_node=4 train.py configs/beauty.yaml data.dir=PATH   # data parallel on 4 GPUs
+    python train.py --help                                  # every config key, its default and meaning
 
 Writes runs/<name>/: config.yaml, sids.pt, model.pt (best on validation NDCG@10), last.pt (for resume),
 log.jsonl and metrics.json. The test split is evaluated once, at the end, with the best checkpoint --
