@@ -539,3 +539,6 @@ def run_cli(main, argv):
         message = " ".join(str(e).split()) or type(e).__name__   # one line, whatever the message held
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:   # `python train.py --help | head`: the reader left; no traceback for that
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # Python's advice: flush into nothing
+        sys.exit(1)
