@@ -483,7 +483,10 @@ def field_comments(cls) -> dict[str, str]:
     """{field: its trailing `# comment`} of a dataclass, read from its source. A comment-only line
     indented deeper than the fields continues the comment of the field above; a comment-only line at
     the fields' indentation is a heading and belongs to no field."""
-    source = inspect.getsource(cls)
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):   # no source file (a frozen or .pyc-only install): keys and defaults only
+        return {}
     # tokenize, not a regex alone, finds the comments: a default string may hold a '#'
     on_line = {t.start[0]: t.string.lstrip("#").strip()
                for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT}

@@ -127,10 +127,24 @@ def test_config_errors_name_the_file_or_the_override(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
-def test_traceback_on_request(tmp_path):
-    r = subprocess.run([sys.executable, "train.py", DEMO, "train.epochs=three"], cwd=ROOT, capture_output=True,
-                       text=True, env=ENV | {"PAUSEREC_TRACEBACK": "1"}, timeout=300)
-    assert r.returncode == 1 and "Traceback" in r.stderr and "train.epochs must be int" in r.stderr
+def test_run_cli_one_line_or_traceback_on_request(monkeypatch, capsys):
+    """run_cli (what every script's __main__ calls): exit 2 and one line, or with PAUSEREC_TRACEBACK=1 the
+    exception itself; a bug (not a user error) keeps its traceback."""
+    monkeypatch.delenv("PAUSEREC_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as e:
+        data.run_cli(train.main, [str(ROOT / DEMO), "train.epochs=three"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == ("error: command line: train.epochs must be int, got 'three' "
+                                       "(from train.epochs=three)\n")
+    monkeypatch.setenv("PAUSEREC_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="train.epochs must be int"):
+        data.run_cli(train.main, [str(ROOT / DEMO), "train.epochs=three"])
+
+    def bug(argv):
+        raise KeyError("a bug")
+    monkeypatch.delenv("PAUSEREC_TRACEBACK")
+    with pytest.raises(KeyError):
+        data.run_cli(bug, [])
 
 
 # ----------------------------------------------------------------------------------------------
