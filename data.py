@@ -46,12 +46,14 @@ class DataConfig:
     k_core: int = 5                 # every user and item must have >= k_core interactions (checked)
     filter_k_core: bool = False     # enforce it by iterative filtering instead of raising
     max_history: int = 20           # history cap (most recent items)
+    ties: str = "file"              # order of a user's items with the same timestamp (Amazon's are days):
+                                    #   file (the standard protocol: file order) | shuffle (random, from seed)
     item_text: str = "{title}. Brand: {brand}. Categories: {categories}. Price: {price}."
                                     #   the text SIDs are built from; fields: title, brand, categories, price
     # synthetic catalogue
     num_users: int = 2000           # users of the synthetic catalogue
     num_items: int = 500            # items of the synthetic catalogue (>= 20)
-    seed: int = 0                   # seed of the synthetic catalogue
+    seed: int = 0                   # seed of the synthetic catalogue and of ties=shuffle
 
 
 class Dataset(NamedTuple):
@@ -278,9 +280,18 @@ def load_amazon(cfg: DataConfig) -> Dataset:
         raise ValueError(f"{meta_path.name}: {len(missing)} reviewed items have no meta line, "
                          f"e.g. {', '.join(missing[:5])}")
     item_meta = [item_info(meta[a]) for a in item_ids]
-    sequences = [[i for _, i in sorted(s, key=lambda x: x[0])] for s in per_user]  # sorted() is stable
-    return Dataset(item_ids, list(user_index), sequences,
+    return Dataset(item_ids, list(user_index), order_by_time(per_user, cfg.ties, cfg.seed),
                    [render_text(cfg.item_text, m) for m in item_meta], item_meta)
+
+
+def order_by_time(per_user: list[list[tuple[int, int]]], ties: str, seed: int) -> list[list[int]]:
+    """Per user [(time, item)] in file order -> items sorted by time. Same-time items keep their file order
+    (ties=file: sorted() is stable) or take a random order drawn from seed (ties=shuffle: a random key per
+    item breaks the ties; users are drawn in index order, so the order depends on the seed only)."""
+    if ties == "file":
+        return [[i for _, i in sorted(s, key=lambda x: x[0])] for s in per_user]
+    rng = random.Random(seed)
+    return [[i for _, _, i in sorted((t, rng.random(), i) for t, i in s)] for s in per_user]
 
 
 # -----------------------------------------------------------------------------
@@ -356,6 +367,11 @@ def check_data_config(cfg: DataConfig):
             raise ValueError(f"data.{key} must be >= 1, got {getattr(cfg, key)}")
     if cfg.source not in ("amazon", "synthetic"):
         raise ValueError(f"data.source must be 'amazon' or 'synthetic', got {cfg.source!r}")
+    if cfg.ties not in ("file", "shuffle"):
+        raise ValueError(f"data.ties must be 'file' or 'shuffle', got {cfg.ties!r}")
+    if cfg.ties == "shuffle" and cfg.source != "amazon":
+        raise ValueError("data.ties=shuffle reorders same-timestamp items, but the synthetic catalogue has no "
+                         "timestamps: use data.ties=file")
     check_template(cfg.item_text)
     if cfg.source == "synthetic":
         check_synthetic(cfg)

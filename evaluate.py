@@ -33,6 +33,7 @@ class EvalConfig:
     batch_size: int = 256        # users per beam-search batch
     every: int = 0               # validate every this many training steps (0: once per epoch)
     valid_users: int = 5000      # validate on a fixed random sample of users (0: all); test always uses all
+    select: str = "ndcg@10"      # the validation metric that chooses the checkpoint: recall@K | ndcg@K, K in ks
 
 
 def check_eval_config(cfg: EvalConfig):
@@ -42,6 +43,10 @@ def check_eval_config(cfg: EvalConfig):
         raise ValueError(f"eval.beam_size ({cfg.beam_size}) must be >= the largest K in eval.ks ({max(cfg.ks)})")
     if cfg.batch_size < 1:
         raise ValueError(f"eval.batch_size must be > 0, got {cfg.batch_size}")
+    computed = [f"{m}@{k}" for m in ("recall", "ndcg") for k in cfg.ks]
+    if cfg.select not in computed:
+        raise ValueError(f"eval.select={cfg.select} is not computed with eval.ks={cfg.ks}: set eval.select to one "
+                         f"of {', '.join(computed)}, or add its K to eval.ks")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,7 +207,9 @@ def plot_run(run_dir, path, overrides=()):
     loss = [(r["step"], r["loss"]) for r in records if "loss" in r and "step" in r]
     end = max((s for s, _ in loss), default=0)   # refit steps are drawn after the main ones
     refit = [(end + r["refit_step"], r["loss"]) for r in records if "loss" in r and "refit_step" in r]
-    valid = [(r["step"], r["valid"]["ndcg@10"], r["valid"]["users"]) for r in records if "valid" in r]
+    ndcgs = [k for k in baselines["markov"] if k.startswith("ndcg@")]   # NDCG@10, or the largest K of eval.ks
+    key = "ndcg@10" if "ndcg@10" in ndcgs else max(ndcgs, key=lambda k: int(k[5:]))
+    valid = [(r["step"], r["valid"][key], r["valid"]["users"]) for r in records if "valid" in r]
     fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(7, 6))
     for points, label in ((loss, "training loss"), (refit, "refit loss (validation targets too)")):
         if points:
@@ -213,10 +220,10 @@ def plot_run(run_dir, path, overrides=()):
         bottom.plot([v[0] for v in valid], [v[1] for v in valid], marker="o",
                     label=f"model ({valid[-1][2]} validation users)")
     for name, style in (("mostpop", "--"), ("markov", ":")):
-        bottom.axhline(baselines[name]["ndcg@10"], ls=style, color="gray",
+        bottom.axhline(baselines[name][key], ls=style, color="gray",
                        label=f"{'MostPop' if name == 'mostpop' else 'Markov'} (all validation users)")
     bottom.set_xlabel("step")
-    bottom.set_ylabel("validation NDCG@10")
+    bottom.set_ylabel(f"validation {key.replace('ndcg', 'NDCG')}")
     bottom.legend()
     top.set_title(str(run_dir))
     fig.tight_layout()

@@ -41,7 +41,9 @@ class SIDConfig:
     embed_dim: int = 256        # tfidf: dimension after the truncated SVD
     max_vocab: int = 50000      # tfidf: keep the most frequent terms (by document frequency)
     min_df: int = 2             # tfidf: drop terms found in fewer item texts than this
-    method: str = "rqkmeans"    # rqkmeans (residual k-means; won on validation NDCG@10) | rqvae (TIGER)
+    method: str = "rqkmeans"    # rqkmeans (residual k-means; won on validation NDCG@10) | rqvae (TIGER) |
+                                #   id (one code per item, its index: a one-level SID, the item-ID baseline;
+                                #   the text, levels, codebook_size and the settings below are not used)
     levels: int = 3             # RQ levels (codebooks); the SID has levels + 1 codes
     codebook_size: int = 256    # codes per level
     hidden: list[int] = field(default_factory=lambda: [512, 256, 128])  # rqvae encoder MLP widths
@@ -67,8 +69,8 @@ class SIDConfig:
             raise ValueError(f"sid.lr must be > 0 and sid.beta >= 0, got lr={self.lr} beta={self.beta}")
         if not self.hidden or min(self.hidden) <= 0:
             raise ValueError(f"sid.hidden must be a non-empty list of sizes > 0, got {self.hidden}")
-        if self.method not in ("rqvae", "rqkmeans"):
-            raise ValueError(f"sid.method must be rqvae | rqkmeans, got {self.method!r}")
+        if self.method not in ("rqvae", "rqkmeans", "id"):
+            raise ValueError(f"sid.method must be rqvae | rqkmeans | id, got {self.method!r}")
         if not (self.encoder == "tfidf" or self.encoder.startswith(("sentence-transformers:", "file:"))):
             raise ValueError("sid.encoder must be tfidf | sentence-transformers:<model> | file:<path>.npy, "
                              f"got {self.encoder!r}")
@@ -325,6 +327,10 @@ def build_sids(texts, cfg, categories=None):
     if categories is not None and len(categories) != len(texts):
         raise ValueError(f"build_sids: {len(categories)} categories for {len(texts)} items")
     t0, threads = time.time(), torch.get_num_threads()
+    if cfg.method == "id":  # item i -> (i,): the decoder becomes an item-ID model (SASRec-style, full softmax)
+        codes = torch.arange(len(texts))[:, None]
+        health = sid_health(codes, len(texts), categories)
+        return codes, {**health, "collision_rate_nearest": 0.0, "seconds": time.time() - t0}
     # Small ops gain little from threads, and on a busy CPU spinning threads slow them 10-100x.
     torch.set_num_threads(cfg.threads)
     try:

@@ -6,7 +6,7 @@
     torchrun --nproc_per_node=4 train.py configs/beauty.yaml data.dir=PATH   # data parallel on 4 GPUs
     python train.py --help                                  # every config key, its default and meaning
 
-Writes runs/<name>/: config.yaml, sids.pt, model.pt (best on validation NDCG@10), last.pt (for resume),
+Writes runs/<name>/: config.yaml, sids.pt, model.pt (best on validation, eval.select: NDCG@10), last.pt (for resume),
 log.jsonl and metrics.json. The test split is evaluated once, at the end, with the best checkpoint --
 with train.refit_epochs > 0, after that checkpoint has also trained on the validation targets (model.pt is
 then the refit model, and model_valid.pt the checkpoint chosen on validation).
@@ -50,7 +50,7 @@ class TrainConfig:
     warmup_steps: int = 200      # linear warmup from 0 to lr
     weight_decay: float = 0.1    # AdamW decay of the matrices (weights, embeddings); none on biases, norms
     grad_clip: float = 1.0       # max gradient norm (all parameters together)
-    patience: int = 0            # stop after this many validations without a better NDCG@10 (0: never;
+    patience: int = 0            # stop after this many validations without a better eval.select (0: never;
                                  #   the best usually comes as the cosine schedule ends)
     log_every: int = 50          # steps between loss records (log.jsonl, bar; a printed line if stdout is no TTY)
     resume: bool = False         # continue runs/<name>/last.pt
@@ -104,7 +104,7 @@ def atomic_save(obj, path: Path):
 
 def sid_table(cfg, ds, cache_dir: Path):
     settings = {"data": asdict(cfg["data"]), "sid": asdict(cfg["sid"]), "items": len(ds.item_ids)}
-    for key in ("dir", "download", "cache_dir", "max_history"):   # where the data lives does not matter
+    for key in ("dir", "download", "cache_dir", "max_history", "ties"):   # SIDs depend on the item texts only
         settings["data"].pop(key)
     key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir / f"sids-{key}.pt"
@@ -416,8 +416,8 @@ def main(argv):
             step += 1
             if step % eval_every == 0 or step == total_steps:
                 metrics = evaluate.evaluate_model(model, tok, mcfg, trie, valid, ecfg, device, "valid", rank, world)
-                better = metrics["ndcg@10"] > best
-                best, bad_evals = (metrics["ndcg@10"], 0) if better else (best, bad_evals + 1)
+                better = metrics[ecfg.select] > best
+                best, bad_evals = (metrics[ecfg.select], 0) if better else (best, bad_evals + 1)
                 if better and rank == 0:
                     atomic_save({"model": model.state_dict(), "words": words,
                                  "step": step}, run_dir / "model.pt")
@@ -470,7 +470,7 @@ def main(argv):
                "baselines_valid": evaluate.baseline_metrics(ds.sequences, "valid", ecfg.ks),
                "train_seconds": round(train_seconds, 1), "train_tokens": train_tokens,
                "best_step": best_state["step"], "steps": step, "steps_per_epoch": steps_per_epoch,
-               "refit_steps": refit_step,
+               "refit_steps": refit_step, "ties": cfg["data"].ties,
                "sid": sid_health}
     if rank == 0:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))

@@ -1,6 +1,7 @@
 import gzip
 import http.server
 import json
+import random
 import sys
 import threading
 import time
@@ -92,6 +93,39 @@ def test_stable_tie_order(tmp_path):
                                                            zip("CABDE", [100, 50, 100, 100, 10])]
     ds = data.load_dataset(make_dir(tmp_path, reviews=rows))
     assert [ds.item_ids[i] for i in ds.sequences[ds.user_ids.index("u3")]] == list("EACBD")
+
+
+def test_ties_shuffle_reorders_only_same_time_runs(tmp_path):
+    # 30 users x 8 items with times drawn from 3 days: long same-day runs; the file order is a random one
+    r = random.Random(1)
+    rows = [(f"u{u}", a, r.choice([100, 200, 300])) for u in range(30) for a in r.sample("ABCDEFGH", 8)]
+    meta = {a: {"asin": a, "title": a, "categories": []} for a in "ABCDEFGH"}
+    cfg = make_dir(tmp_path, reviews=rows, meta=meta)
+    time_of = {(u, a): t for u, a, t in rows}
+    file_order = data.load_dataset(cfg)
+    runs = {}
+    for seed in (0, 0, 1):
+        cfg.ties, cfg.seed = "shuffle", seed
+        ds = data.load_dataset(cfg)
+        runs.setdefault(seed, []).append(ds.sequences)
+        assert ds.item_ids == file_order.item_ids and ds.user_ids == file_order.user_ids
+        for u, (new, old) in enumerate(zip(ds.sequences, file_order.sequences)):
+            times = [time_of[(ds.user_ids[u], ds.item_ids[i])] for i in new]
+            assert times == sorted(times)                                # still chronological
+            assert sorted(new) == sorted(old)                            # the same items
+            for t in set(times):                                         # the same items on each day
+                assert {i for i in new if time_of[(ds.user_ids[u], ds.item_ids[i])] == t} == \
+                       {i for i in old if time_of[(ds.user_ids[u], ds.item_ids[i])] == t}
+    assert runs[0][0] == runs[0][1]                                      # deterministic for a seed
+    assert runs[0][0] != runs[1][0] != file_order.sequences              # the seed and the option matter
+    assert runs[0][0] != file_order.sequences
+
+
+def test_ties_option_is_checked(tmp_path):
+    with pytest.raises(ValueError, match="data.ties must be"):
+        data.load_dataset(data.DataConfig(source="synthetic", ties="random"))
+    with pytest.raises(ValueError, match="data.ties=shuffle.*synthetic"):
+        data.load_dataset(data.DataConfig(source="synthetic", ties="shuffle"))
 
 
 @pytest.mark.parametrize("gz", [True, False])

@@ -59,3 +59,6 @@ def test_eval_config_checks():
         evaluate.check_eval_config(evaluate.EvalConfig(beam_size=5, ks=[5, 10]))
     with pytest.raises(ValueError, match="eval.ks"):
         evaluate.check_eval_config(evaluate.EvalConfig(ks=[]))
+    with pytest.raises(ValueError, match=r"eval.select=ndcg@10 is not computed with eval.ks=\[5, 20\]"):
+        evaluate.check_eval_config(evaluate.EvalConfig(ks=[5, 20]))
+    evaluate.check_eval_config(evaluate.EvalConfig(ks=[5, 20], select="recall@20"))

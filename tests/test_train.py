@@ -8,6 +8,7 @@ import yaml
 
 import data
 import evaluate
+import pauserec
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,6 +103,31 @@ def test_refit_trains_the_chosen_checkpoint_on_the_validation_targets(tmp_path):
     assert len(target) == len(split["train"]) + len(split["valid"])
     again = evaluate.main([str(run)])
     assert all(again[k] == metrics["test"][k] for k in ("recall@5", "recall@10", "ndcg@5", "ndcg@10"))
+
+
+def test_checkpoint_metric_missing_from_ks_is_refused_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"eval.select=ndcg@10 is not computed with eval.ks=\[5, 20\]"):
+        train.main(tiny_args(tmp_path, "eval.ks=[5, 20]"))
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "sids").exists()
+
+
+def test_sid_method_id_is_an_item_id_model_whose_beam_is_exact_top_k(tmp_path):
+    """sid.method=id: one code per item, so the trie has one level and the beam search is a plain top-k."""
+    metrics = train.main(tiny_args(tmp_path, "train.epochs=3", "sid.method=id", "model.reasoning=none",
+                                   "model.pause_layout=every_item"))
+    assert metrics["test"]["ndcg@10"] > metrics["baselines"]["mostpop"]["ndcg@10"]
+    cfg, ds, codes, tok, model = evaluate.load_run(tmp_path / "runs" / "demo")
+    assert codes.tolist() == [[i] for i in range(len(ds.item_ids))] and tok.num_levels == 1
+    split = data.leave_one_out(ds.sequences, cfg["data"].max_history)
+    prompts = [pauserec.build_prompt(tok, cfg["model"], ex.history) for ex in split["test"][:40]]
+    items, scores = pauserec.beam_search(model, tok, cfg["model"], pauserec.SIDTrie(codes), prompts,
+                                         beam_size=20, topk=10)
+    with torch.no_grad():
+        ids, key_mask = pauserec.left_pad(prompts, pad=tok.PAD)
+        logp = torch.log_softmax(model(ids, key_mask=key_mask, select="last").float(), -1)  # [U, V]
+    best = logp[:, tok.offsets[0]:tok.offsets[0] + len(ds.item_ids)].topk(10)
+    assert torch.equal(items, best.indices)
+    assert torch.allclose(scores, best.values, atol=1e-5)
 
 
 def test_existing_run_needs_resume_flag(tmp_path):
