@@ -172,9 +172,10 @@ def bench_beam(args):
         try:
             import transformers  # noqa: F401
         except ImportError:
-            sys.exit("bench.py beam --peer compares with transformers' generate(): pip install -r requirements-dev.txt")
+            raise ValueError("bench.py beam --peer compares with transformers' generate(): "
+                             "pip install -r requirements-dev.txt") from None
         if not 0 < args.peer_users <= args.users:
-            sys.exit(f"bench.py beam: --peer-users must be in 1..--users ({args.users}), got {args.peer_users}")
+            raise ValueError(f"bench.py beam: --peer-users must be in 1..--users ({args.users}), got {args.peer_users}")
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -299,8 +300,8 @@ def finished(run_dir, run_args):
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     diff = train.changed_settings(saved, resolved, sections=resolved, ignore=RUN_KEYS)
     if diff:
-        sys.exit(f"bench.py reasoning: {run_dir} holds a run with other settings ({'; '.join(diff)}): "
-                 f"pass another --out")
+        raise ValueError(f"bench.py reasoning: {run_dir} holds a run with other settings ({'; '.join(diff)}): "
+                         f"pass another --out")
     print(f"reusing the finished run {run_dir}")
     return True
 
@@ -308,7 +309,7 @@ def finished(run_dir, run_args):
 def bench_reasoning(args, overrides):
     import train
     if args.jobs < 1:
-        sys.exit(f"bench.py reasoning: --jobs must be >= 1, got {args.jobs}")
+        raise ValueError(f"bench.py reasoning: --jobs must be >= 1, got {args.jobs}")
     overrides = (QUICK if args.quick else []) + overrides
     out_dir = Path(args.out)
     runs = mode_runs(args.config, overrides, out_dir)
@@ -364,8 +365,18 @@ def print_table(table):
         print("| " + " | ".join(cells) + " |")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are user errors (data.run_cli prints them as one line), not usage + exit."""
+
+    def error(self, message):
+        raise ValueError(f"{self.prog}: {message} (--help for usage)")
+
+
 def main(argv):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    import train  # for the config keys that `reasoning` passes on to train.py
+    keys = "reasoning passes its key=value arguments on to train.py.\n\n" + data.cli_help("", train.SECTIONS)
+    raw = argparse.RawDescriptionHelpFormatter   # keeps the docstring's and the key list's lines
+    parser = Parser(description=__doc__, formatter_class=raw, epilog=keys)
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("beam")
     b.add_argument("--items", default="12000,100000,1000000")
@@ -374,7 +385,7 @@ def main(argv):
     b.add_argument("--threads", type=int, default=0)
     b.add_argument("--peer", action="store_true", help="also compare with transformers' generate() (first --items)")
     b.add_argument("--peer-users", type=int, default=32, help="users (of --users) in the --peer comparison")
-    r = sub.add_parser("reasoning")
+    r = sub.add_parser("reasoning", formatter_class=raw, epilog=keys)
     r.add_argument("config")
     r.add_argument("--quick", action="store_true", help="a tiny model and 3 epochs: a smoke check in minutes")
     r.add_argument("--out", default="runs/bench_reasoning")
@@ -389,4 +400,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    data.run_cli(main, sys.argv[1:])

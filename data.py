@@ -8,15 +8,20 @@ offline demo and the tests. Imports no project module.
 """
 
 import ast
+import dataclasses
 import gzip
 import hashlib
 import html
+import inspect
+import io
 import json
 import os
 import random
 import re
 import string
+import sys
 import tempfile
+import tokenize
 import typing
 import urllib.request
 from dataclasses import dataclass
@@ -35,13 +40,16 @@ class DataConfig:
     download: bool = False          # fetch missing files from the urls below into cache_dir
     cache_dir: str = "cache/data"   # relative to the current directory
     reviews_url: str = "https://snap.stanford.edu/data/amazon/productGraph/categoryFiles/reviews_{category}_5.json.gz"
+                                    #   where data.download fetches the reviews file ({category} filled in)
     meta_url: str = "https://snap.stanford.edu/data/amazon/productGraph/categoryFiles/meta_{category}.json.gz"
+                                    #   where data.download fetches the meta file
     k_core: int = 5                 # every user and item must have >= k_core interactions (checked)
     filter_k_core: bool = False     # enforce it by iterative filtering instead of raising
     max_history: int = 20           # history cap (most recent items)
     ties: str = "file"              # order of a user's items with the same timestamp (Amazon's are days):
                                     #   file (the standard protocol: file order) | shuffle (random, from seed)
     item_text: str = "{title}. Brand: {brand}. Categories: {categories}. Price: {price}."
+                                    #   the text SIDs are built from; fields: title, brand, categories, price
     # synthetic catalogue
     num_users: int = 2000           # users of the synthetic catalogue
     num_items: int = 500            # items of the synthetic catalogue (>= 20)
@@ -305,12 +313,17 @@ def _word(rng: random.Random, used: set) -> str:
     return w
 
 
-def load_synthetic(cfg: DataConfig) -> Dataset:
-    check_template(cfg.item_text)
+def check_synthetic(cfg: DataConfig):
     n_types = len(PRODUCT_TYPES)
     if cfg.num_items < 2 * n_types or cfg.num_items % n_types or cfg.num_users < 1:
         raise ValueError(f"data.num_items must be a multiple of {n_types} (one product of each type per brand), "
                          f">= {2 * n_types}, and data.num_users >= 1; got {cfg.num_items} and {cfg.num_users}")
+
+
+def load_synthetic(cfg: DataConfig) -> Dataset:
+    check_template(cfg.item_text)
+    check_synthetic(cfg)
+    n_types = len(PRODUCT_TYPES)
     rng, used = random.Random(cfg.seed), set()
     n_brands = cfg.num_items // n_types
     brands = [_word(rng, used).capitalize() for _ in range(n_brands)]
@@ -340,20 +353,26 @@ def load_synthetic(cfg: DataConfig) -> Dataset:
     return Dataset(item_ids, [f"user{u:04d}" for u in range(cfg.num_users)], sequences, texts, item_meta)
 
 
-def load_dataset(cfg: DataConfig) -> Dataset:
+def check_data_config(cfg: DataConfig):
+    """The checks of the data settings that need no data (train.py runs them before anything else)."""
     for key in ("k_core", "max_history"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"data.{key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.source not in ("amazon", "synthetic"):
+        raise ValueError(f"data.source must be 'amazon' or 'synthetic', got {cfg.source!r}")
     if cfg.ties not in ("file", "shuffle"):
         raise ValueError(f"data.ties must be 'file' or 'shuffle', got {cfg.ties!r}")
     if cfg.ties == "shuffle" and cfg.source != "amazon":
         raise ValueError("data.ties=shuffle reorders same-timestamp items, but the synthetic catalogue has no "
                          "timestamps: use data.ties=file")
-    if cfg.source == "amazon":
-        return load_amazon(cfg)
+    check_template(cfg.item_text)
     if cfg.source == "synthetic":
-        return load_synthetic(cfg)
-    raise ValueError(f"data.source must be 'amazon' or 'synthetic', got {cfg.source!r}")
+        check_synthetic(cfg)
+
+
+def load_dataset(cfg: DataConfig) -> Dataset:
+    check_data_config(cfg)
+    return load_amazon(cfg) if cfg.source == "amazon" else load_synthetic(cfg)
 
 
 # -----------------------------------------------------------------------------
@@ -417,37 +436,121 @@ def load_config(path, overrides=(), sections=None, ignore=()):
 
     sections: {"data": DataConfig, ...}; ignore: section names allowed in the file but not used by
     the caller (e.g. evaluate.py --baselines has no use for `model`). Returns {section: instance}.
-    Unknown sections or keys and wrong types raise ValueError naming the file and key.
+    Unknown sections or keys and wrong types raise ValueError naming where they came from: the file,
+    or the command line and the override that set them.
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"config file not found: {path}")
+        raise FileNotFoundError(f"config file not found: {path}; pass a YAML config such as configs/demo.yaml")
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    given = {}   # "section" and "section.key" -> the override that set it (the last one wins)
     for item in overrides:  # "model.num_pauses=8": the value is parsed as YAML, so 8 is an int
         key, eq, value = item.partition("=")
         section, dot, field = key.partition(".")
         if not (eq and dot and field):
-            raise ValueError(f"override {item!r} must look like section.key=value")
+            raise ValueError(f"command line: override {item!r} must look like section.key=value")
         if section in ignore:
-            raise ValueError(f"override {item!r}: section '{section}' is not used by this command")
+            raise ValueError(f"command line: override {item!r}: section '{section}' is not used by this command")
         if not isinstance(raw.setdefault(section, {}), dict):
             raise ValueError(f"{path}: section '{section}' must be a mapping")
         raw[section][field] = yaml.safe_load(value)
+        given[section] = given[key] = item
+
+    def blame(key, problem):   # "<where>: <problem> (from <override>)": the file, or the override that set key
+        return f"command line: {problem} (from {given[key]})" if key in given else f"{path}: {problem}"
+
     valid = sorted(sections) + sorted(ignore)
     for section in raw:
         if section not in valid:
-            raise ValueError(f"{path}: unknown section '{section}'; valid sections: {', '.join(valid)}")
+            raise ValueError(blame(section, f"unknown section '{section}'") + f"; valid sections: {', '.join(valid)}")
     config = {}
     for section, cls in sections.items():
         values = raw.get(section) or {}
         if not isinstance(values, dict):
             raise ValueError(f"{path}: section '{section}' must be a mapping")
         hints = typing.get_type_hints(cls)
-        for key in values:
+        checked = {}
+        for key, value in values.items():
+            name = f"{section}.{key}"
             if key not in hints:
-                raise ValueError(f"{path}: unknown key '{section}.{key}'; valid keys: "
+                raise ValueError(blame(name, f"unknown key '{name}'") + "; valid keys: "
                                  + ", ".join(f"{section}.{k}" for k in hints))
-        config[section] = cls(**{k: _check_type(f"{section}.{k}", v, hints[k]) for k, v in values.items()})
+            try:
+                checked[key] = _check_type(name, value, hints[key])
+            except ValueError as e:
+                raise ValueError(blame(name, str(e))) from None
+        config[section] = cls(**checked)
     return config
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: --help from the config dataclasses, user errors as one line
+
+def field_comments(cls) -> dict[str, str]:
+    """{field: its trailing `# comment`} of a dataclass, read from its source. A comment-only line
+    indented deeper than the fields continues the comment of the field above; a comment-only line at
+    the fields' indentation is a heading and belongs to no field."""
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):   # no source file (a frozen or .pyc-only install): keys and defaults only
+        return {}
+    # tokenize, not a regex alone, finds the comments: a default string may hold a '#'
+    on_line = {t.start[0]: t.string.lstrip("#").strip()
+               for t in tokenize.generate_tokens(io.StringIO(source).readline) if t.type == tokenize.COMMENT}
+    comments, field, indent = {}, None, 0
+    for i, line in enumerate(source.splitlines(), 1):
+        depth = len(line) - len(line.lstrip())
+        if m := re.match(r"\s*(\w+)\s*:", line):   # `name: type = default  # comment`
+            field, indent = m.group(1), depth
+            if i in on_line:
+                comments[field] = on_line[i]
+        elif field and i in on_line and depth > indent:   # the comment goes on, under the field above
+            comments[field] = (comments.get(field, "") + " " + on_line[i]).strip()
+        else:
+            field = None
+    return comments
+
+
+def config_help(sections: dict) -> str:
+    """Every `section.key=default  meaning` of sections ({"data": DataConfig, ...}), one per line."""
+    lines = []
+    for name, cls in sections.items():
+        comments = field_comments(cls)
+        lines.append(f"{name}:")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            value = json.dumps(default) if isinstance(default, (list, bool)) else str(default)
+            lines.append((f"  {name}.{f.name}={value}".ljust(32) + f"  {comments.get(f.name, '')}").rstrip())
+    return "\n".join(lines)
+
+
+TRACEBACK_NOTE = ("A user error (bad value, missing file, ...) ends as one line `error: ...` on stderr and exit "
+                  "code 2; PAUSEREC_TRACEBACK=1 shows its traceback instead.")
+
+
+def cli_help(doc: str, sections: dict) -> str:
+    """What --help prints: the script's docstring, then every config key with its default and meaning."""
+    keys = f"Config keys, set as section.key=value on the command line (default, meaning):\n{config_help(sections)}"
+    return "\n\n".join(part for part in (doc.strip(), keys, TRACEBACK_NOTE) if part)
+
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)   # what this project raises for user mistakes
+
+
+def run_cli(main, argv):
+    """The `__main__` of every script: main(argv), with a user error printed as one line
+    `error: <message>` on stderr and exit code 2 instead of a traceback (PAUSEREC_TRACEBACK=1 keeps the
+    traceback). Other exceptions are bugs and keep theirs."""
+    try:
+        main(argv)
+    except USER_ERRORS as e:
+        if os.environ.get("PAUSEREC_TRACEBACK") == "1":
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__   # one line, whatever the message held
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+    except BrokenPipeError:   # `python train.py --help | head`: the reader left; no traceback for that
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # Python's advice: flush into nothing
+        sys.exit(1)

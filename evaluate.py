@@ -1,10 +1,14 @@
 """Evaluation: Recall@K and NDCG@K over the full catalogue, the beam-search evaluation loop, and the
 MostPop and Markov baselines on the same leave-one-out split.
 
-    python evaluate.py RUN_DIR [key=value ...]            # re-evaluate a saved run on test
-    python evaluate.py --baselines CONFIG [key=value ...]  # MostPop and Markov on the test split
+    python evaluate.py RUN_DIR [key=value ...]             # re-evaluate a saved run on test, with the baselines
+    python evaluate.py --baselines CONFIG [key=value ...]   # MostPop and Markov on the test split
+    python evaluate.py RUN_DIR --plot [PATH]                # training loss and validation NDCG@10 as a PNG
+                                                            #   (default RUN_DIR/curves.png; needs matplotlib)
+    python evaluate.py RUN_DIR --recommend USER_ID [--k 10]  # top-k items after the user's last item
+    python evaluate.py RUN_DIR --history ITEM_ID,ITEM_ID,.. [--k 10]   # top-k items after this history
 
-Both print one JSON object on the last line of stdout.
+Each prints one JSON object (--recommend, --history: a JSON list) on the last line of stdout.
 """
 import json
 import sys
@@ -167,25 +171,170 @@ def load_run(run_dir, overrides=(), device="cpu"):
     return cfg, ds, codes, tok, model
 
 
+def results_table(rows: dict, ks, metrics_path=None) -> str:
+    """{name: metrics} as a small text table, R@K and N@K for every K, 4 decimals; then metrics.json's path."""
+    width = max(len(name) for name in rows)
+    head = "".join(f"{m}@{k}".rjust(8) for k in ks for m in ("R", "N"))
+    lines = ["test".ljust(width) + head]
+    for name, m in rows.items():
+        lines.append(name.ljust(width) + "".join(f"{m[f'{key}@{k}']:8.4f}" for k in ks for key in ("recall", "ndcg")))
+    if "markov_train_only" in rows:
+        lines.append("(markov_train_only: Markov fitted without the validation transitions, as the model trains)")
+    if metrics_path is not None:
+        lines.append(f"metrics: {metrics_path}")
+    return "\n".join(lines)
+
+
+def plot_run(run_dir, path, overrides=()):
+    """PNG of the training loss and validation NDCG@10 over steps (from log.jsonl), with the MostPop and
+    Markov validation NDCG@10 as horizontal lines (from metrics.json, or computed when it is missing)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")   # files only, no window
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ValueError("--plot needs matplotlib (pip install matplotlib)") from None
+    run_dir = Path(run_dir)
+    log_path, metrics_path = run_dir / "log.jsonl", run_dir / "metrics.json"
+    if not log_path.is_file():
+        raise FileNotFoundError(f"{log_path} not found: is {run_dir} a run folder written by train.py?")
+    records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    baselines = json.loads(metrics_path.read_text()).get("baselines_valid") if metrics_path.is_file() else None
+    if baselines is None:   # a run still training (or an older one): the baselines are cheap to fit
+        cfg = data.load_config(run_dir / "config.yaml", overrides, {"data": data.DataConfig, "eval": EvalConfig},
+                               ignore=("sid", "model", "train"))
+        baselines = baseline_metrics(data.load_dataset(cfg["data"]).sequences, "valid", cfg["eval"].ks)
+    loss = [(r["step"], r["loss"]) for r in records if "loss" in r and "step" in r]
+    end = max((s for s, _ in loss), default=0)   # refit steps are drawn after the main ones
+    refit = [(end + r["refit_step"], r["loss"]) for r in records if "loss" in r and "refit_step" in r]
+    ndcgs = [k for k in baselines["markov"] if k.startswith("ndcg@")]   # NDCG@10, or the largest K of eval.ks
+    key = "ndcg@10" if "ndcg@10" in ndcgs else max(ndcgs, key=lambda k: int(k[5:]))
+    valid = [(r["step"], r["valid"][key], r["valid"]["users"]) for r in records if "valid" in r]
+    fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(7, 6))
+    for points, label in ((loss, "training loss"), (refit, "refit loss (validation targets too)")):
+        if points:
+            top.plot([p[0] for p in points], [p[1] for p in points], label=label)
+    top.set_ylabel("loss")
+    top.legend()
+    if valid:
+        bottom.plot([v[0] for v in valid], [v[1] for v in valid], marker="o",
+                    label=f"model ({valid[-1][2]} validation users)")
+    for name, style in (("mostpop", "--"), ("markov", ":")):
+        bottom.axhline(baselines[name][key], ls=style, color="gray",
+                       label=f"{'MostPop' if name == 'mostpop' else 'Markov'} (all validation users)")
+    bottom.set_xlabel("step")
+    bottom.set_ylabel(f"validation {key.replace('ndcg', 'NDCG')}")
+    bottom.legend()
+    top.set_title(str(run_dir))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def recommend_for(run_dir, overrides=(), user=None, history=None, k=10) -> list[dict]:
+    """Top-k items [{item, title, score}] after a user's whole history (user: the original user id), or after
+    `history` (item ids, oldest first), by the run's model and constrained beam search."""
+    cfg, ds, codes, tok, model = load_run(run_dir, overrides)
+    if user is not None:
+        users = {u: i for i, u in enumerate(ds.user_ids)}
+        if user not in users:
+            raise ValueError(f"--recommend: unknown user {user!r}; the users of {run_dir} are ids like "
+                             f"{', '.join(ds.user_ids[:3])}")
+        items = ds.sequences[users[user]]   # all their items: what comes after the last one
+    else:
+        index = {a: i for i, a in enumerate(ds.item_ids)}
+        ids = [a.strip() for a in history.split(",") if a.strip()]
+        unknown = [a for a in ids if a not in index]
+        if not ids or unknown:
+            raise ValueError(f"--history: unknown item {', '.join(unknown) or '(none given)'}; the items of "
+                             f"{run_dir} are ids like {', '.join(ds.item_ids[:3])}")
+        items = [index[a] for a in ids]
+    mcfg, beam = cfg["model"], max(cfg["eval"].beam_size, k)
+    prompt = pauserec.build_prompt(tok, mcfg, items[-cfg["data"].max_history:])   # the history cap of training
+    ranked, scores = pauserec.beam_search(model.eval(), tok, mcfg, pauserec.SIDTrie(codes), [prompt],
+                                          beam_size=beam, topk=k)
+    return [{"item": ds.item_ids[i], "title": ds.item_meta[i]["title"], "score": round(s, 4)}
+            for i, s in zip(ranked[0].tolist(), scores[0].tolist()) if i >= 0]
+
+
+def recommendations_table(rows: list[dict]) -> str:
+    lines = [f"{'rank':>4}  {'item':<12}  {'title':<48}  {'score':>8}"]
+    for r, row in enumerate(rows, 1):
+        lines.append(f"{r:>4}  {row['item']:<12}  {(row['title'] or '')[:48]:<48}  {row['score']:8.4f}")
+    return "\n".join(lines)
+
+
+def cli_options(argv):
+    """(options, overrides) of `RUN_DIR`'s arguments: --plot [PATH], --recommend ID, --history IDS, --k N."""
+    options, overrides, rest = {}, [], list(argv)
+    while rest:
+        arg = rest.pop(0)
+        if arg == "--plot":   # PATH is optional: the next argument, unless it is an option or an override
+            options["plot"] = rest.pop(0) if rest and not rest[0].startswith("-") and "=" not in rest[0] else ""
+        elif arg in ("--recommend", "--history", "--k"):
+            if not rest:
+                raise ValueError(f"{arg} needs a value: usage: python evaluate.py RUN_DIR {arg} VALUE")
+            options[arg[2:]] = rest.pop(0)
+        elif arg.startswith("-"):
+            raise ValueError(f"unknown option {arg}; evaluate.py takes --baselines, --plot, --recommend, --history, "
+                             f"--k (--help for usage)")
+        else:
+            overrides.append(arg)
+    if "recommend" in options and "history" in options:
+        raise ValueError("--recommend and --history exclude each other: give one")
+    if "k" in options:
+        if "recommend" not in options and "history" not in options:
+            raise ValueError("--k goes with --recommend or --history")
+        if not options["k"].isdigit() or int(options["k"]) < 1:
+            raise ValueError(f"--k must be a positive integer, got {options['k']!r}")
+    return options, overrides
+
+
+RUN_SECTIONS = {"data": data.DataConfig, "sid": sid.SIDConfig, "model": pauserec.ModelConfig, "eval": EvalConfig}
+
+
 def main(argv):
-    if len(argv) >= 2 and argv[0] == "--baselines":
+    if {"-h", "--help"} & set(argv):
+        print(data.cli_help(__doc__, RUN_SECTIONS))
+        return None
+    if argv[:1] == ["--baselines"]:
+        if len(argv) < 2:
+            raise ValueError("--baselines needs a CONFIG: usage: python evaluate.py --baselines CONFIG [key=value ...]")
         cfg = data.load_config(argv[1], argv[2:], {"data": data.DataConfig, "eval": EvalConfig},
                                ignore=("sid", "model", "train"))
         check_eval_config(cfg["eval"])
         ds = data.load_dataset(cfg["data"])
         result = baseline_metrics(ds.sequences, "test", cfg["eval"].ks)
-    elif len(argv) >= 1 and not argv[0].startswith("-"):
-        torch.manual_seed(0)
-        cfg, ds, codes, tok, model = load_run(argv[0], argv[1:])
-        split = data.leave_one_out(ds.sequences, cfg["data"].max_history)
-        trie = pauserec.SIDTrie(codes)
-        result = evaluate_model(model, tok, cfg["model"], trie, split["test"], cfg["eval"], desc="test")
-    else:
-        sys.exit(__doc__)
+        print(json.dumps(result))
+        return result
+    if not argv or argv[0].startswith("-"):
+        raise ValueError(f"{'missing RUN_DIR' if not argv else f'unknown option {argv[0]}'}: usage: "
+                         f"python evaluate.py RUN_DIR [key=value ...] (--help for the rest)")
+    run_dir = Path(argv[0])
+    options, overrides = cli_options(argv[1:])
+    torch.manual_seed(0)
+    if "plot" in options:
+        path = plot_run(run_dir, options["plot"] or run_dir / "curves.png", overrides)
+        print(f"plot: {path}")
+        print(json.dumps({"plot": str(path)}))
+        return path
+    if "recommend" in options or "history" in options:
+        rows = recommend_for(run_dir, overrides, options.get("recommend"), options.get("history"),
+                             int(options.get("k", 10)))
+        print(recommendations_table(rows))
+        print(json.dumps(rows))
+        return rows
+    cfg, ds, codes, tok, model = load_run(run_dir, overrides)
+    split = data.leave_one_out(ds.sequences, cfg["data"].max_history)
+    trie = pauserec.SIDTrie(codes)
+    result = evaluate_model(model, tok, cfg["model"], trie, split["test"], cfg["eval"], desc="test")
+    baselines = baseline_metrics(ds.sequences, "test", cfg["eval"].ks)
+    saved = run_dir / "metrics.json"
+    print(results_table({"model": result, **baselines}, cfg["eval"].ks, saved if saved.is_file() else None))
     print(json.dumps(result))
     return result
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
-
+    data.run_cli(main, sys.argv[1:])

@@ -4,8 +4,21 @@
           --(rqvae | rqkmeans)--> codes [N, levels]  (one codebook of codebook_size codes per level)
           --(+ collision level)--> SIDs [N, levels + 1], unique per item
 
-Health figures (per-level utilization and perplexity, collision rate, category purity) come with the
-table, so codebook collapse is seen at once. This file imports no project module (main() aside).
+    python sid.py CONFIG [key=value ...]                  # build the SID table, print its health as JSON
+    python sid.py CONFIG [key=value ...] --out=sids.pt    # also save it: codes, sid settings, health
+
+Health figures come with the table, so codebook collapse is seen at once (sid_health; printed by sid.py and
+train.py, saved in sids.pt and metrics.json):
+  utilization             per level: share of the codebook_size codes that at least one item uses
+  perplexity              per level: exp(entropy) of the code usage (codebook_size when all are used evenly)
+  collision_rate          share of items that share their full RQ code (all `levels` codes, before the
+                          collision level) with another item; the collision level then tells them apart
+  collision_rate_nearest  the same with plain nearest-codeword assignment at every level, i.e. without
+                          sid.balanced_last; the rqvae progress bar shows it for each epoch's codes
+  max_group               most items sharing one full RQ code
+  category_purity         how much more often two items with the same first code share a leaf category
+                          than two random items do
+This file imports no project module (main() aside).
 """
 import json
 import math
@@ -253,7 +266,7 @@ def train_rqvae(emb, cfg, gen):
             epoch_codes[idx], total = codes, total + loss.item() * len(idx)
         h = sid_health(epoch_codes, cfg.codebook_size)
         bar.set_postfix(loss=f"{total / n:.4f}", util="/".join(f"{u:.2f}" for u in h["utilization"]),
-                        coll=f"{h['collision_rate']:.3f}")
+                        collision_rate_nearest=f"{h['collision_rate']:.3f}")   # codes of this epoch
         if epoch < cfg.epochs - 1:  # dead codes (unused this epoch) re-seeded from the last batch's residuals
             with torch.no_grad():
                 for l in range(cfg.levels):
@@ -359,10 +372,15 @@ def load_sids(path, num_items=None):
 
 def main(argv):
     import data  # lazily: the library part of this file imports no project module
+    if {"-h", "--help"} & set(argv):
+        print(data.cli_help(__doc__, {"data": data.DataConfig, "sid": SIDConfig}))
+        return None
     args = [a for a in argv if not a.startswith("--out=")]
     out = next((a.split("=", 1)[1] for a in argv if a.startswith("--out=")), "")
-    if not args:
-        sys.exit("usage: python sid.py CONFIG [key=value ...] [--out=sids.pt]")
+    bad = next((a for a in args if a.startswith("-")), None)
+    if not args or bad:
+        raise ValueError(f"{f'unknown option {bad}' if bad else 'missing CONFIG'}: usage: python sid.py CONFIG "
+                         f"[key=value ...] [--out=sids.pt] (--help lists the keys)")
     cfgs = data.load_config(args[0], args[1:], {"data": data.DataConfig, "sid": SIDConfig},
                             ignore=("model", "eval", "train"))
     ds = data.load_dataset(cfgs["data"])
@@ -373,4 +391,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    import data
+    data.run_cli(main, sys.argv[1:])

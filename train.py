@@ -4,6 +4,7 @@
     python train.py configs/beauty.yaml data.dir=PATH       # Amazon Beauty
     python train.py configs/beauty.yaml train.resume=true   # continue an interrupted run
     torchrun --nproc_per_node=4 train.py configs/beauty.yaml data.dir=PATH   # data parallel on 4 GPUs
+    python train.py --help                                  # every config key, its default and meaning
 
 Writes runs/<name>/: config.yaml, sids.pt, model.pt (best on validation, eval.select: NDCG@10), last.pt (for resume),
 log.jsonl and metrics.json. The test split is evaluated once, at the end, with the best checkpoint --
@@ -37,21 +38,21 @@ import sid
 @dataclass
 class TrainConfig:
     name: str = ""               # run folder runs/<name>; default: the config file's name
-    out_dir: str = "runs"
+    out_dir: str = "runs"        # run folders are <out_dir>/<name>
     sid_cache: str = "cache/sids"  # SID tables cached by their data and sid settings
-    seed: int = 0
+    seed: int = 0                # seeds init, dropout and batch order
     device: str = "auto"         # auto | cpu | cuda | cuda:N | mps (under torchrun: cuda:LOCAL_RANK)
     threads: int = 0             # torch.set_num_threads (0: leave torch's default)
     epochs: int = 40             # the cosine schedule spans all of them
     batch_size: int = 32         # training sequences per step (every_item: whole sequences, ~7 targets each)
-    lr: float = 2e-3
+    lr: float = 2e-3             # AdamW peak learning rate (after warmup)
     min_lr: float = 1e-5         # cosine decay ends here
-    warmup_steps: int = 200
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
+    warmup_steps: int = 200      # linear warmup from 0 to lr
+    weight_decay: float = 0.1    # AdamW decay of the matrices (weights, embeddings); none on biases, norms
+    grad_clip: float = 1.0       # max gradient norm (all parameters together)
     patience: int = 0            # stop after this many validations without a better eval.select (0: never;
                                  #   the best usually comes as the cosine schedule ends)
-    log_every: int = 50
+    log_every: int = 50          # steps between loss records (log.jsonl, bar; a printed line if stdout is no TTY)
     resume: bool = False         # continue runs/<name>/last.pt
     amp: bool = False            # bf16 autocast in the training forward (meant for CUDA; works on CPU)
     compile: bool = False        # torch.compile the training forward (evaluation runs uncompiled)
@@ -249,32 +250,46 @@ def shard(rows, examples, rank, world):
 
 # ----------------------------------------------------------------------------------------------
 
+def check_run_dir(run_dir: Path, resume: bool, resolved: dict):
+    """A new run needs a folder without a run in it; a resumed one needs last.pt of the same settings."""
+    last_path = run_dir / "last.pt"
+    if resume and not last_path.is_file():
+        raise FileNotFoundError(f"train.resume=true but {last_path} does not exist: drop train.resume=true "
+                                f"to start the run, or pass the train.name of the run to continue")
+    if not resume and last_path.is_file():
+        raise FileExistsError(f"{run_dir} holds a run already: pass train.resume=true to continue it, "
+                              f"or train.name=<other> to start a new one")
+    if resume:
+        check_resume(run_dir, resolved)
+
+
 def main(argv):
+    if {"-h", "--help"} & set(argv):
+        print(data.cli_help(__doc__, SECTIONS))
+        return None
     if not argv or argv[0].startswith("-"):
-        sys.exit(__doc__)
-    # --- config -------------------------------------------------------------------------------
+        raise ValueError(f"{'missing CONFIG' if not argv else f'unknown option {argv[0]}'}: usage: "
+                         f"python train.py CONFIG [section.key=value ...] (--help lists the keys)")
+    # --- config: every check that needs no data runs before the config is printed -----------------
     cfg = data.load_config(argv[0], argv[1:], SECTIONS)
     tcfg, mcfg, ecfg = cfg["train"], cfg["model"], cfg["eval"]
     check_train_config(tcfg)
     evaluate.check_eval_config(ecfg)
+    data.check_data_config(cfg["data"])
     tcfg.name = tcfg.name or Path(argv[0]).stem
     run_dir = Path(tcfg.out_dir) / tcfg.name
     resolved = {name: asdict(section) for name, section in cfg.items()}
     rank, world, device = init_distributed(pick_device(tcfg.device))
+    last_path = run_dir / "last.pt"
+    check_run_dir(run_dir, tcfg.resume, resolved)
+    if cfg["data"].source == "amazon":
+        data.find_files(cfg["data"])   # a missing folder or file is named now, not after the config dump
     print(yaml.safe_dump(resolved, sort_keys=False))
     if tcfg.threads:
         torch.set_num_threads(tcfg.threads)
     random.seed(tcfg.seed)
     np.random.seed(tcfg.seed)
     torch.manual_seed(tcfg.seed)
-    last_path = run_dir / "last.pt"
-    if tcfg.resume and not last_path.is_file():
-        raise FileNotFoundError(f"train.resume=true but {last_path} does not exist")
-    if not tcfg.resume and last_path.is_file():
-        raise FileExistsError(f"{run_dir} holds a run already: pass train.resume=true to continue it, "
-                              f"or train.name=<other> to start a new one")
-    if tcfg.resume:
-        check_resume(run_dir, resolved)
 
     # --- data and Semantic IDs -----------------------------------------------------------------
     t0 = time.time()
@@ -381,6 +396,9 @@ def main(argv):
             rate = tokens / (time.time() - t_log)
             bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:.0f}")
             log({counter: n, "epoch": epoch, "loss": round(loss.item(), 4), "lr": lr, "tokens_per_s": round(rate)})
+            if not sys.stdout.isatty():   # a batch job's log: no bar there (tqdm hides it), so one line instead
+                print(f"{counter} {n}/{total_steps if counter == 'step' else refit_total} epoch {epoch} "
+                      f"loss {loss.item():.4f} lr {lr:.2e} tokens/s {rate:.0f}", flush=True)
             tokens, t_log = 0, time.time()
 
     # --- training loop -------------------------------------------------------------------------
@@ -456,11 +474,12 @@ def main(argv):
                "sid": sid_health}
     if rank == 0:
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    print(evaluate.results_table({"model": test, **metrics["baselines"]}, ecfg.ks, run_dir / "metrics.json"))
     print(json.dumps({"test": test, "markov": metrics["baselines"]["markov"], "run": str(run_dir)}))
     return metrics
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    data.run_cli(main, sys.argv[1:])
     if dist.is_initialized():
         dist.destroy_process_group()
