@@ -52,7 +52,7 @@ class DataConfig:
                                     #   the text SIDs are built from; fields: title, brand, categories, price
     # synthetic catalogue
     num_users: int = 2000           # users of the synthetic catalogue
-    num_items: int = 500            # items of the synthetic catalogue (>= 20)
+    num_items: int = 500            # items of the synthetic catalogue (a multiple of 10, >= 20)
     seed: int = 0                   # seed of the synthetic catalogue and of ties=shuffle
 
 
@@ -303,7 +303,7 @@ def order_by_time(per_user: list[list[tuple[int, int]]], ties: str, seed: int) -
 
 PRODUCT_TYPES = ("cleanser", "toner", "serum", "essence", "moisturizer", "sunscreen", "mask", "exfoliator",
                  "eye cream", "lip balm")   # the routine's order; a user starts anywhere in it and wraps around
-NOISE = 0.3                                 # chance that a purchase is another brand's product of the type
+NOISE = 0.3                                 # chance that a purchase is a random brand's product of the type
 
 
 def _word(rng: random.Random, used: set) -> str:
