@@ -1,6 +1,7 @@
 import gzip
 import http.server
 import json
+import os
 import random
 import sys
 import threading
@@ -9,11 +10,15 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
 
-BEAUTY = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "amazon-beauty"
+# The real Beauty files, for the tests that need them (skipped where absent): PAUSEREC_BEAUTY_DIR, or a copy
+# beside the repository
+BEAUTY = Path(os.environ.get("PAUSEREC_BEAUTY_DIR")
+              or Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "amazon-beauty")
 
 # 6 users x 5 items over items A..E (a 5-core); u1's items share timestamps to test the stable sort
 REVIEWS = [(f"u{u}", a, 100 + 10 * j) for u in range(6) for j, a in enumerate("ABCDE")]
@@ -343,10 +348,15 @@ def test_download_file_url_and_sha256(tmp_path):
 # ------------------------------------------------------------------------- real data
 
 
-def test_real_beauty():
+@pytest.fixture(scope="module")
+def beauty():
     if not (BEAUTY / "reviews_Beauty_5.json.gz").is_file():
         pytest.skip(f"no Beauty files in {BEAUTY}")
-    ds = data.load_dataset(data.DataConfig(dir=str(BEAUTY)))
+    return data.load_dataset(data.DataConfig(dir=str(BEAUTY)))
+
+
+def test_real_beauty(beauty):
+    ds = beauty
     s = data.summary(ds)
     assert (s["users"], s["items"], s["interactions"]) == (22363, 12101, 198502)
     assert s["min_length"] == 5 and s["max_length"] == 204
@@ -356,3 +366,19 @@ def test_real_beauty():
     split = data.leave_one_out(ds.sequences, 20)
     assert len(split["test"]) == len(split["valid"]) == 22363
     assert len(split["train"]) == 198502 - 3 * 22363
+
+
+def test_real_beauty_tie_protocols(beauty):
+    """ties=file reproduces the standard protocol's Markov exactly; ties=shuffle (same-day items in a seeded
+    random order) takes most of its lead away, and changes no user's items."""
+    import evaluate
+
+    def markov(sequences):
+        ranked = evaluate.baseline_rankings(sequences, "test", 10)["markov"]
+        return evaluate.rank_metrics(ranked, torch.tensor([s[-1] for s in sequences]), (10,))
+    standard = markov(beauty.sequences)
+    assert round(standard["ndcg@10"], 4) == 0.0492 and round(standard["recall@10"], 4) == 0.0753
+    shuffled = data.load_dataset(data.DataConfig(dir=str(BEAUTY), ties="shuffle"))
+    assert [sorted(s) for s in shuffled.sequences] == [sorted(s) for s in beauty.sequences]
+    shuffled = markov(shuffled.sequences)
+    assert 0.033 < shuffled["ndcg@10"] < 0.036 and 0.057 < shuffled["recall@10"] < 0.061

@@ -406,7 +406,7 @@ def test_tiny_gpt2_run_with_titles_trains_and_evaluates(tmp_path):
     folder = write_checkpoint(tmp_path / "gpt2", n_positions=96)
     metrics = train.main(tiny_args(tmp_path, "train.epochs=2", "model.backbone=gpt2", f"model.gpt2_dir={folder}",
                                    "model.prompt=sids+titles", "model.max_len=96", "model.max_title_len=8",
-                                   "train.lr=1e-2"))
+                                   "train.lr=1e-2", "train.log_every=10"))
     run = tmp_path / "runs" / "demo"
     losses = [r["loss"] for r in map(json.loads, open(run / "log.jsonl")) if "loss" in r]
     assert losses and losses[-1] < losses[0]
