@@ -3,7 +3,7 @@
 One file, read top to bottom:
   1. ModelConfig and the GPT-style decoder (GPT-2 parameter layout, KV cache for beam search)
   2. Tokens: the vocabulary layout (specials, one token range per SID level, rationale words)
-  3. Example builders for the modes none | pause | cot, loss masks, collate
+  3. Example builders for the modes none | pause | cot | latent, loss masks, collate
   4. SIDTrie: a CSR prefix trie over the catalogue's SIDs
   5. Constrained beam search (and exhaustive teacher-forced scoring, its reference)
   6. GPT-2 backbone: safetensors reader, weight import, byte-level BPE tokenizer (prompts with titles)
@@ -11,6 +11,9 @@ One file, read top to bottom:
 A training example in pause mode (pause_layout 'target'):
     [BOS] sid(h1) ... sid(hn) <pause> x M sid(target)      loss on the target's SID tokens only
 No EOS is needed: every SID has exactly L tokens, and the trie ends the decoding after L levels.
+With pause_embeddings 'distinct' the j-th pause of each run of M also gets its own learned row (pause_slots).
+Latent mode (ReaRec) has the same layout with K slots, read one at a time: each slot's input is the state
+the previous position produced (after the final LayerNorm) plus a learned step embedding (GPT.reason).
 """
 
 import dataclasses
