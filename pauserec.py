@@ -220,8 +220,8 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(cfg.d_model),
         ))
         self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied input/output embeddings (the <pause> row is
-        #   thus also the output row of a token that is never a target: its softmax mass is wasted, not learned)
+        self.lm_head.weight = self.transformer.wte.weight  # tied input/output embeddings (so the <pause> row is
+        #   also the output row of a token never predicted: every supervised softmax pushes it down as well)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: residual projections scaled by depth
             if name.endswith("c_proj.weight"):
