@@ -7,11 +7,15 @@
         --peer (needs transformers): on the first catalogue, the same weights exported into
         transformers' GPT2LMHeadModel and generate(num_beams, prefix_allowed_tokens_fn) on the same
         prompts: top-10 agreement with ours and users/s of both, at batch 1 and batch --peer-users
-    python bench.py reasoning CONFIG [--quick] [--jobs N] [--out DIR] [key=value ...]
+    python bench.py reasoning CONFIG [--quick] [--jobs N] [--seeds N] [--out DIR] [key=value ...]
         train and evaluate the modes none, pause (M = 1, 2, 4, 8) and cot (rationale noise 0, 0.5, 1)
         on the same data, SIDs and budget (--jobs N: N modes at once, as separate processes; finished
-        modes in DIR are reused); then time each mode's training steps and beam search in this process,
-        in interleaved rounds
+        modes in DIR are reused; --seeds N: each mode with train.seed 0..N-1, metrics as mean and std);
+        then time each mode's training steps and beam search in this process, in interleaved rounds
+    python bench.py seeds CONFIG [--seeds 3] [--jobs N] [--out DIR] [key=value ...]
+        train and evaluate one setting with train.seed = 0..N-1 (one run folder each, under DIR, default
+        runs/seeds_<config stem>; finished runs are reused), then the mean and (sample) std over the seeds of
+        every validation and test metric and of the training seconds
 
 Timings are medians of 3 repetitions after a warm-up; compare figures from the same run only.
 """
@@ -247,7 +251,7 @@ def train_modes(args, runs):
         for proc, log in [a for a in active if a[0].poll() is not None]:
             active.remove((proc, log))
             if proc.returncode:
-                sys.exit(f"bench.py reasoning: training failed (exit {proc.returncode}), see {log}")
+                sys.exit(f"bench.py: training failed (exit {proc.returncode}), see {log}")
             print(f"done: {log}", flush=True)
 
 
@@ -276,13 +280,38 @@ def train_steps(tok, mcfg, ds, max_history, batch_size, model, device, steps=20)
     return run, sum(len(examples[i][0]) for rows in order for i in rows)
 
 
-def mode_runs(config, overrides, out_dir):
-    """[(mode name, run folder name, train.py arguments)] of the reasoning table, one per mode."""
+def mode_runs(config, overrides, out_dir, seeds=1):
+    """[(mode name, run folder name, train.py arguments)] of the reasoning table: one per mode (the config's
+    train.seed), or with seeds > 1 one per mode and seed 0..seeds-1 (folders <mode>_seed<s>)."""
     runs = []
     for name, mode in MODES:
         slug = name.replace(" ", "_").replace("=", "")
-        runs.append((name, slug, [config, *overrides, *mode, f"train.name={slug}", f"train.out_dir={out_dir}"]))
+        for s in range(seeds):
+            run, seed = (slug, []) if seeds == 1 else (f"{slug}_seed{s}", [f"train.seed={s}"])
+            runs.append((name, run, [config, *overrides, *mode, *seed, f"train.name={run}",
+                                     f"train.out_dir={out_dir}"]))
     return runs
+
+
+def seed_runs(config, overrides, out_dir, seeds):
+    """[(name, run folder name, train.py arguments)] of one setting with train.seed = 0..seeds-1."""
+    return [(f"seed {s}", f"seed{s}", [config, *overrides, f"train.seed={s}", f"train.name=seed{s}",
+                                       f"train.out_dir={out_dir}"]) for s in range(seeds)]
+
+
+def mean_std(values):
+    """Mean and sample standard deviation (0 for one value), rounded."""
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": round(statistics.fmean(values), 6), "std": round(std, 6)}
+
+
+def over_seeds(metrics):
+    """metrics.json of runs that differ by seed -> {"valid"|"test": {metric: {"mean", "std"}}, "train_seconds": ..}
+    over every ranking metric (recall@K, ndcg@K for each eval.ks) of the valid and test splits."""
+    out = {split: {k: mean_std([m[split][k] for m in metrics]) for k in metrics[0][split] if "@" in k}
+           for split in ("valid", "test")}
+    out["train_seconds"] = mean_std([m["train_seconds"] for m in metrics])
+    return out
 
 
 # Train settings that name a run or say what runs it: a run moved to another machine is the same run.
@@ -300,7 +329,7 @@ def finished(run_dir, run_args):
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     diff = train.changed_settings(saved, resolved, sections=resolved, ignore=RUN_KEYS)
     if diff:
-        raise ValueError(f"bench.py reasoning: {run_dir} holds a run with other settings ({'; '.join(diff)}): "
+        raise ValueError(f"bench.py: {run_dir} holds a run with other settings ({'; '.join(diff)}): "
                          f"pass another --out")
     print(f"reusing the finished run {run_dir}")
     return True
@@ -308,16 +337,16 @@ def finished(run_dir, run_args):
 
 def bench_reasoning(args, overrides):
     import train
-    if args.jobs < 1:
-        raise ValueError(f"bench.py reasoning: --jobs must be >= 1, got {args.jobs}")
+    check_counts(args, "reasoning")
     overrides = (QUICK if args.quick else []) + overrides
     out_dir = Path(args.out)
-    runs = mode_runs(args.config, overrides, out_dir)
+    runs = mode_runs(args.config, overrides, out_dir, args.seeds)
     t0 = time.time()
     train_modes(args, [r for r in runs if not finished(out_dir / r[1], r[2])])
     wall = time.time() - t0
     table, timed = [], []   # timed: (row, key, fn, count); count / seconds is the figure
-    for name, slug, run_args in runs:
+    for name, slug, run_args in runs[::args.seeds]:   # a mode's first seed is timed; its metrics: all seeds
+        seeds = [json.loads((out_dir / r[1] / "metrics.json").read_text()) for r in runs if r[0] == name]
         metrics = json.loads((out_dir / slug / "metrics.json").read_text())
         now = data.load_config(run_args[0], run_args[1:], train.SECTIONS)   # this machine's settings
         device = train.pick_device(now["train"].device)
@@ -331,6 +360,13 @@ def bench_reasoning(args, overrides):
         row = {"mode": name, "valid": metrics["valid"], "test": metrics["test"],
                "train_seconds": metrics["train_seconds"], "train_tokens": metrics["train_tokens"],
                "epochs": round(metrics["steps"] / max(1, metrics["steps_per_epoch"]), 2), "device": device}
+        if args.seeds > 1:   # metrics and train seconds: means over the seeds, their std beside them
+            summary = over_seeds(seeds)
+            for split in ("valid", "test"):
+                row[split] = {k: v["mean"] for k, v in summary[split].items()}
+                row[split + "_std"] = {k: v["std"] for k, v in summary[split].items()}
+            row["train_seconds"], row["train_seconds_std"] = summary["train_seconds"].values()
+            row["seeds"] = args.seeds
         fn, tokens = train_steps(tok, cfg["model"], ds, cfg["data"].max_history, now["train"].batch_size, model,
                                  device)
         timed.append((row, "train_tokens_per_s", fn, tokens))
@@ -356,13 +392,50 @@ def print_table(table):
     head = ["mode", "valid N@10", "test R@5", "test N@5", "test R@10", "test N@10", "epochs", "train Mtok",
             "train tok/s", "train s (alone)", "users/s b1", "ms/user b1", "users/s b256"]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    def cell(r, split, key):   # mean ± std over seeds (bench.py reasoning --seeds N), else the one run's value
+        std = r.get(split + "_std")
+        return f"{r[split][key]:.4f}" + (f" ± {std[key]:.4f}" if std else "")
     for r in table:
-        t = r["test"]
-        cells = [r["mode"], f"{r['valid']['ndcg@10']:.4f}", f"{t['recall@5']:.4f}", f"{t['ndcg@5']:.4f}",
-                 f"{t['recall@10']:.4f}", f"{t['ndcg@10']:.4f}", f"{r['epochs']}", f"{r['train_tokens'] / 1e6:.1f}",
+        cells = [r["mode"], cell(r, "valid", "ndcg@10"), cell(r, "test", "recall@5"), cell(r, "test", "ndcg@5"),
+                 cell(r, "test", "recall@10"), cell(r, "test", "ndcg@10"), f"{r['epochs']}",
+                 f"{r['train_tokens'] / 1e6:.1f}",
                  f"{r['train_tokens_per_s']}", f"{r['train_tokens'] / r['train_tokens_per_s']:.0f}",
                  f"{r['users_per_s_batch1']}", f"{r['ms_per_user_batch1']}", f"{r['users_per_s_batch256']}"]
         print("| " + " | ".join(cells) + " |")
+
+
+def check_counts(args, command):
+    for key in ("jobs", "seeds"):
+        if getattr(args, key) < 1:
+            raise ValueError(f"bench.py {command}: --{key} must be >= 1, got {getattr(args, key)}")
+
+
+def bench_seeds(args, overrides):
+    """One setting over seeds 0..N-1: train (or reuse) each run, then mean and std of its metrics."""
+    check_counts(args, "seeds")
+    args.out = args.out or f"runs/seeds_{Path(args.config).stem}"
+    out_dir = Path(args.out)
+    runs = seed_runs(args.config, overrides, out_dir, args.seeds)
+    t0 = time.time()
+    train_modes(args, [r for r in runs if not finished(out_dir / r[1], r[2])])
+    metrics = [json.loads((out_dir / slug / "metrics.json").read_text()) for _, slug, _ in runs]
+    summary = over_seeds(metrics)
+    head = ["metric", "mean", "std", *(f"seed {s}" for s in range(args.seeds))]
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for split in ("valid", "test"):
+        for key, v in summary[split].items():
+            values = " | ".join(f"{m[split][key]:.4f}" for m in metrics)
+            print(f"| {split} {key} | {v['mean']:.4f} | {v['std']:.4f} | {values} |")
+    v = summary["train_seconds"]
+    print(f"| train seconds | {v['mean']:.1f} | {v['std']:.1f} | "
+          + " | ".join(f"{m['train_seconds']:.1f}" for m in metrics) + " |")
+    per_run = [{"seed": s, "run": str(out_dir / slug), "valid": m["valid"], "test": m["test"],
+                "train_seconds": m["train_seconds"]} for s, ((_, slug, _), m) in enumerate(zip(runs, metrics))]
+    result = {"config": args.config, "overrides": overrides, "seeds": args.seeds, "out": str(out_dir),
+              "summary": summary, "runs": per_run, "wall_seconds": round(time.time() - t0)}
+    (out_dir / "seeds.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
+    return result
 
 
 class Parser(argparse.ArgumentParser):
@@ -374,7 +447,7 @@ class Parser(argparse.ArgumentParser):
 
 def main(argv):
     import train  # for the config keys that `reasoning` passes on to train.py
-    keys = "reasoning passes its key=value arguments on to train.py.\n\n" + data.cli_help("", train.SECTIONS)
+    keys = "reasoning and seeds pass their key=value arguments on to train.py.\n\n" + data.cli_help("", train.SECTIONS)
     raw = argparse.RawDescriptionHelpFormatter   # keeps the docstring's and the key list's lines
     parser = Parser(description=__doc__, formatter_class=raw, epilog=keys)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -391,11 +464,21 @@ def main(argv):
     r.add_argument("--out", default="runs/bench_reasoning")
     r.add_argument("--jobs", type=int, default=1, help="modes trained at once, as separate processes; "
                    "their train seconds then overlap: compare modes by train_tokens_per_s, measured alone")
+    r.add_argument("--seeds", type=int, default=1, help="each mode with train.seed 0..N-1: metrics as mean ± std "
+                   "(with 1, the config's seed, in the folders of a bench without --seeds)")
+    s = sub.add_parser("seeds", formatter_class=raw, epilog=keys)
+    s.add_argument("config")
+    s.add_argument("--seeds", type=int, default=3, help="runs with train.seed = 0..N-1")
+    s.add_argument("--out", default="", help="folder of the runs (default runs/seeds_<config stem>)")
+    s.add_argument("--jobs", type=int, default=1, help="runs trained at once, as separate processes "
+                   "(their train seconds then overlap)")
     args, rest = parser.parse_known_args(argv)
     if args.command == "beam":
         if rest:
             parser.error(f"unrecognised arguments: {' '.join(rest)}")
         return bench_beam(args)
+    if args.command == "seeds":
+        return bench_seeds(args, rest)
     return bench_reasoning(args, rest)
 
 

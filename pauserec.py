@@ -3,7 +3,7 @@
 One file, read top to bottom:
   1. ModelConfig and the GPT-style decoder (GPT-2 parameter layout, KV cache for beam search)
   2. Tokens: the vocabulary layout (specials, one token range per SID level, rationale words)
-  3. Example builders for the modes none | pause | cot, loss masks, collate
+  3. Example builders for the modes none | pause | cot | latent, loss masks, collate
   4. SIDTrie: a CSR prefix trie over the catalogue's SIDs
   5. Constrained beam search (and exhaustive teacher-forced scoring, its reference)
   6. GPT-2 backbone: safetensors reader, weight import, byte-level BPE tokenizer (prompts with titles)
@@ -11,6 +11,9 @@ One file, read top to bottom:
 A training example in pause mode (pause_layout 'target'):
     [BOS] sid(h1) ... sid(hn) <pause> x M sid(target)      loss on the target's SID tokens only
 No EOS is needed: every SID has exactly L tokens, and the trie ends the decoding after L levels.
+With pause_embeddings 'distinct' the j-th pause of each run of M also gets its own learned row (pause_slots).
+Latent mode (ReaRec) has the same layout with K slots, read one at a time: each slot's input is the state
+the previous position produced (after the final LayerNorm) plus a learned step embedding (GPT.reason).
 """
 
 import dataclasses
@@ -40,8 +43,10 @@ class ModelConfig:
     d_model: int = 128             # width
     dropout: float = 0.1           # dropout on embeddings, attention weights and residual branches
     max_len: int = 256             # learned positions: longest sequence the model can read
-    reasoning: str = "none"        # none | pause | cot (none won on Beauty validation: see README)
+    reasoning: str = "none"        # none | pause | cot | latent (none won on Beauty validation: see README)
     num_pauses: int = 2            # M: <pause> tokens before each predicted item (pause mode)
+    pause_embeddings: str = "shared"  # shared: one <pause> row | distinct: + a learned row per slot j of the M (pause)
+    latent_steps: int = 2          # K: latent mode's reasoning steps, each fed the last state (needs layout target)
     pause_layout: str = "every_item"  # every_item: all of a sequence's items trained in one pass, M pauses
                                    #   before each | target: one example per target, M pauses before it only
     loss_on_history: bool = False  # also supervise the history items' SID tokens (all but the first item)
@@ -64,11 +69,21 @@ class ModelConfig:
             raise ValueError(f"model.d_model ({self.d_model}) must divide by model.n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
-        if self.reasoning not in ("none", "pause", "cot"):
-            raise ValueError(f"model.reasoning must be none | pause | cot, got {self.reasoning!r}")
+        if self.reasoning not in ("none", "pause", "cot", "latent"):
+            raise ValueError(f"model.reasoning must be none | pause | cot | latent, got {self.reasoning!r}")
         if self.pause_layout not in ("target", "every_item"):
             raise ValueError(f"model.pause_layout must be target | every_item, got {self.pause_layout!r}")
-        for key in ("num_pauses", "max_rationale_len"):
+        if self.pause_embeddings not in ("shared", "distinct"):
+            raise ValueError(f"model.pause_embeddings must be shared | distinct, got {self.pause_embeddings!r}")
+        if self.reasoning == "latent":
+            if self.pause_layout != "target":
+                raise ValueError(f"model.reasoning=latent needs model.pause_layout=target (one example per target, "
+                                 f"the K latent steps before it), got {self.pause_layout!r}")
+            if self.latent_steps < 1:
+                raise ValueError(f"model.latent_steps must be >= 1 with reasoning=latent, got {self.latent_steps}")
+            if self.loss_on_history:
+                raise ValueError("model.loss_on_history is not supported with model.reasoning=latent")
+        for key in ("num_pauses", "max_rationale_len", "latent_steps"):
             if getattr(self, key) < 0:
                 raise ValueError(f"model.{key} must be >= 0, got {getattr(self, key)}")
         if not 0.0 <= self.rationale_noise <= 1.0:
@@ -101,6 +116,7 @@ class KVCache:
         self.own_mask = None      # [B*G, t] bool
         self.length = None        # [B*G] real tokens read so far = position of the next token
         self.group = 1            # G: rows per prompt
+        self.pause_run = None     # [B*G] pauses at the end of what was read (distinct pause embeddings only)
 
     def reorder(self, beam):
         """beam [B, K] long: new row (b, k) continues old row (b, beam[b, k]); G becomes K."""
@@ -108,6 +124,8 @@ class KVCache:
         rows = (torch.arange(B, device=beam.device)[:, None] * self.group + beam).reshape(-1)
         self.own = [(k[rows], v[rows]) for k, v in self.own]
         self.own_mask, self.length, self.group = self.own_mask[rows], self.length[rows], K
+        if self.pause_run is not None:
+            self.pause_run = self.pause_run[rows]
 
 
 class CausalSelfAttention(nn.Module):
@@ -190,9 +208,10 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """Decoder-only transformer with GPT-2's parameter names, so GPT-2 weights can be loaded into it."""
 
-    def __init__(self, cfg: ModelConfig, vocab_size: int):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, base: int = 0):
         super().__init__()
         self.cfg = cfg
+        self.pause_id = base + Tokens.PAUSE   # base: the text vocabulary before our tokens (GPT-2: 50257)
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(vocab_size, cfg.d_model),
             wpe=nn.Embedding(cfg.max_len, cfg.d_model),
@@ -201,11 +220,19 @@ class GPT(nn.Module):
             ln_f=nn.LayerNorm(cfg.d_model),
         ))
         self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied input/output embeddings
+        self.lm_head.weight = self.transformer.wte.weight  # tied input/output embeddings (so the <pause> row is
+        #   also the output row of a token never predicted: every supervised softmax pushes it down as well)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: residual projections scaled by depth
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        # distinct pause embeddings: row j is added to the shared <pause> row at slot j of every run of pauses;
+        # zeros at first, so the model starts as the shared one
+        distinct = cfg.pause_embeddings == "distinct" and num_pauses(cfg) > 0
+        self.pause_slots = nn.Parameter(torch.zeros(cfg.num_pauses, cfg.d_model)) if distinct else None
+        # latent reasoning (ReaRec): step k's input is the previous state + reasoning_pos[k] (+ its position's wpe)
+        if cfg.reasoning == "latent":
+            self.reasoning_pos = nn.Parameter(torch.randn(cfg.latent_steps, cfg.d_model) * 0.02)
 
     @staticmethod
     def _init_weights(m):
@@ -233,9 +260,21 @@ class GPT(nn.Module):
         select: None -> logits [N, T, V]; 'last' -> [N, V] at the last position; a bool tensor [N, T]
           -> [n_true, V] only where True (skips the vocabulary matmul at unsupervised positions).
         """
-        N, T = ids.shape
+        x = self.hidden(ids, key_mask, positions, cache)
+        if isinstance(select, str) and select == "last":
+            x = x[:, -1]
+        elif select is not None:
+            x = x[select]  # [n_true, d]
+        return self.lm_head(x)
+
+    def hidden(self, ids=None, key_mask=None, positions=None, cache: KVCache | None = None, embeds=None):
+        """The final-LayerNorm states [N, T, d] of ids [N, T], or of input embeddings `embeds` [N, T, d] given
+        in place of token rows (latent steps; positions are added as for tokens). Arguments as in forward."""
+        x = self.transformer.wte(ids) if embeds is None else embeds
+        N, T = x.shape[:2]
+        dev = x.device
         past = cache is not None and len(cache.prefix) > 0
-        real = key_mask if key_mask is not None else torch.ones_like(ids, dtype=torch.bool)
+        real = key_mask if key_mask is not None else torch.ones(N, T, dtype=torch.bool, device=dev)
         if positions is None:
             positions = (real.long().cumsum(1) - 1).clamp(min=0)
             if past:
@@ -244,33 +283,78 @@ class GPT(nn.Module):
             raise ValueError(f"sequence longer than model.max_len={self.cfg.max_len} positions")
         mask = None  # None = plain causal attention
         if not past and key_mask is not None and not bool(key_mask.all()):
-            causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
+            causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
             # every query also sees itself, so padding queries get a (discarded) finite output, not NaN
-            mask = (causal & key_mask[:, None, None, :]) | torch.eye(T, dtype=torch.bool, device=ids.device)
+            mask = (causal & key_mask[:, None, None, :]) | torch.eye(T, dtype=torch.bool, device=dev)
+        if self.pause_slots is not None and ids is not None:
+            x = x + self.pause_slot_rows(ids, cache if past else None, cache)
         if cache is not None:
             if past:
                 cache.own_mask = torch.cat([cache.own_mask, real], 1)
                 cache.length = cache.length + real.sum(1)
             else:
                 cache.length = real.sum(1)
-                cache.prefix_bias = torch.zeros(real.shape, device=ids.device).masked_fill(~real, float("-inf"))
+                cache.prefix_bias = torch.zeros(real.shape, device=dev).masked_fill(~real, float("-inf"))
                 cache.prefix_bias = cache.prefix_bias[:, None, None, :]
                 cache.own_mask = real[:, :0]
-        x = self.transformer.drop(self.transformer.wte(ids) + self.transformer.wpe(positions))
+        x = self.transformer.drop(x + self.transformer.wpe(positions))
         for layer, block in enumerate(self.transformer.h):
             x = block(x, mask, cache, layer)
-        x = self.transformer.ln_f(x)
-        if isinstance(select, str) and select == "last":
-            x = x[:, -1]
-        elif select is not None:
-            x = x[select]  # [n_true, d]
-        return self.lm_head(x)
+        return self.transformer.ln_f(x)
+
+    def pause_slot_rows(self, ids, past: KVCache | None, cache: KVCache | None):
+        """Distinct pause embeddings: [N, T, d] holding pause_slots[j] at the j-th pause (counted from 0, mod M)
+        of each run of consecutive <pause> ids, zeros elsewhere. A run read in an earlier call through the
+        cache goes on counting (past.pause_run); left padding ends runs (a pad is no pause)."""
+        T, M = ids.shape[1], self.pause_slots.shape[0]
+        is_p = ids == self.pause_id
+        t = torch.arange(T, device=ids.device)
+        start = torch.where(is_p, -1, t).cummax(1).values   # [N, T] last non-pause at or before t (-1: none)
+        run = t - start                                     # pauses: place in the run, from 1; others: 0
+        if past is not None and past.pause_run is not None:
+            run = run + torch.where(start < 0, past.pause_run[:, None], 0)
+        if cache is not None:
+            cache.pause_run = run[:, -1]
+        slot = torch.where(is_p, (run - 1) % M + 1, 0)      # 0 picks the zero row below
+        return F.embedding(slot, F.pad(self.pause_slots, (0, 0, 1, 0)))
+
+    def reason(self, h, cache: KVCache):
+        """Latent steps (ReaRec): h [N, d], the final-LayerNorm state of the last position read into cache ->
+        the state after K steps; step k reads (previous state + reasoning_pos[k]) as its input embedding."""
+        for k in range(self.cfg.latent_steps):
+            h = self.hidden(embeds=(h + self.reasoning_pos[k])[:, None], cache=cache)[:, 0]
+        return h
 
     def loss(self, ids, loss_mask):
         """Mean cross-entropy over supervised tokens; logits are computed only where a target is."""
+        if self.cfg.reasoning == "latent":
+            return self.latent_loss(ids, loss_mask)
         sel = loss_mask[:, 1:]                        # position i predicts ids[:, i + 1]
         logits = self(ids[:, :-1], select=sel)        # [n_supervised, V]
         return F.cross_entropy(logits.float(), ids[:, 1:][sel])
+
+    def latent_loss(self, ids, loss_mask):
+        """Latent mode: cross-entropy on the target's L SID tokens, the first predicted from the last latent
+        step's state (no loss on the steps themselves; ReaRec's multi-step losses are not used).
+
+        ids [N, T] right-padded examples [BOS] history <slot>*K sid(target) (loss_mask True on sid(target)).
+        The histories are read in one pass into a KV cache (the K slots and the target masked as keys), then
+        the K latent steps and the target's first L-1 tokens one read each: K + 2 calls, gradients through all.
+        """
+        N, K = ids.shape[0], self.cfg.latent_steps
+        L = int(loss_mask[0].sum())
+        start = loss_mask.float().argmax(1)               # [N] the target's first SID token
+        hlen = start - K                                  # [N] BOS + history tokens
+        Th = int(hlen.max())
+        cache = KVCache()
+        history = torch.arange(Th, device=ids.device) < hlen[:, None]
+        h = self.hidden(ids[:, :Th], key_mask=history, cache=cache)[torch.arange(N, device=ids.device), hlen - 1]
+        h = self.reason(h, cache)                                                     # [N, d]
+        target = ids.gather(1, start[:, None] + torch.arange(L, device=ids.device))  # [N, L]
+        logits = [self.lm_head(h)[:, None]]
+        if L > 1:
+            logits.append(self(target[:, :-1], cache=cache))                          # [N, L-1, V]
+        return F.cross_entropy(torch.cat(logits, 1).flatten(0, 1).float(), target.flatten())
 
 
 def loss(logits, ids, loss_mask):
@@ -370,6 +454,12 @@ def num_pauses(cfg: ModelConfig) -> int:
     return cfg.num_pauses if cfg.reasoning == "pause" else 0
 
 
+def num_slots(cfg: ModelConfig) -> int:
+    """Tokens between the history and the target's SID: M pauses (pause), K latent steps (latent), else 0.
+    A latent step's slot holds the <pause> id, but its input embedding is the fed-back state (GPT.reason)."""
+    return cfg.latent_steps if cfg.reasoning == "latent" else num_pauses(cfg)
+
+
 def _history(tok: Tokens, cfg: ModelConfig, history, supervise: bool):
     """[BOS] + history SIDs (with M pauses before each item in the every_item layout), and its loss mask.
 
@@ -403,7 +493,7 @@ def _reserve(tok: Tokens, cfg: ModelConfig) -> int:
     """Tokens after the history, up to the end of the target: pauses or the longest rationale, then the SID."""
     if cfg.reasoning == "cot":
         return cfg.max_rationale_len + 2 + tok.num_levels
-    return num_pauses(cfg) + tok.num_levels
+    return num_slots(cfg) + tok.num_levels
 
 
 def _check_len(ids, cfg: ModelConfig):
@@ -413,12 +503,12 @@ def _check_len(ids, cfg: ModelConfig):
 
 
 def build_prompt(tok: Tokens, cfg: ModelConfig, history: list[int]) -> list[int]:
-    """What inference prefills: [BOS] history, then M pauses (pause) or <think> (cot)."""
+    """What inference prefills: [BOS] history, then M pauses (pause), K latent slots (latent) or <think> (cot)."""
     ids, _ = _history(tok, cfg, _fit(tok, cfg, history, _reserve(tok, cfg)), False)
     if cfg.reasoning == "cot":
         ids.append(tok.THINK)
     else:
-        ids += [tok.PAUSE] * num_pauses(cfg)
+        ids += [tok.PAUSE] * num_slots(cfg)
     return _check_len(ids, cfg)
 
 
@@ -430,6 +520,7 @@ def build_example(tok: Tokens, cfg: ModelConfig, history: list[int], target: int
       pause: [BOS] sid(h1) .. sid(hn) <pause>*M sid(target)          (pause_layout 'target')
              [BOS] (<pause>*M sid(h1)) .. (<pause>*M sid(hn)) <pause>*M sid(target)   ('every_item')
       cot  : [BOS] sid(h1) .. sid(hn) <think> w1 .. wk </think> sid(target)
+      latent: [BOS] sid(h1) .. sid(hn) <slot>*K sid(target)       (slots: the <pause> id, read as latent steps)
     Supervised: the target's SID tokens, plus the rationale words and </think> in cot.
     With prompt sids+titles every sid(h) is preceded by h's title, and the oldest items are dropped
     until the example fits model.max_len.
@@ -443,8 +534,8 @@ def build_example(tok: Tokens, cfg: ModelConfig, history: list[int], target: int
         ids += [tok.THINK] + words + [tok.END_THINK]
         mask += [False] + [True] * (len(words) + 1)
     else:
-        ids += [tok.PAUSE] * num_pauses(cfg)
-        mask += [False] * num_pauses(cfg)
+        ids += [tok.PAUSE] * num_slots(cfg)
+        mask += [False] * num_slots(cfg)
     ids += tok.sid(target)
     mask += [True] * tok.num_levels
     return _check_len(ids, cfg), mask
@@ -457,7 +548,7 @@ def build_sequence_example(tok: Tokens, cfg: ModelConfig, items: list[int]) -> t
     Needs reasoning none, or pause with pause_layout every_item (or M = 0). Equal to
     build_example(items[:-1], items[-1]) with loss_on_history on.
     """
-    if cfg.reasoning == "cot" or (num_pauses(cfg) > 0 and cfg.pause_layout != "every_item"):
+    if cfg.reasoning in ("cot", "latent") or (num_pauses(cfg) > 0 and cfg.pause_layout != "every_item"):
         raise ValueError("build_sequence_example needs model.reasoning=none, or pause with "
                          "model.pause_layout=every_item")
     items = _fit(tok, cfg, items, 0)
@@ -642,6 +733,17 @@ def _decode_rationale(model: GPT, tok: Tokens, cfg: ModelConfig, cache: KVCache,
     return sid_logits, rationales
 
 
+def latent_prefill(model: GPT, cfg: ModelConfig, prompts: list[list[int]], cache: KVCache):
+    """latent: logits [B, V] after the K latent steps, cache filled. Each prompt's last K tokens are its latent
+    slots: the rest ([BOS] history, left-padded) is read in one pass, then the K steps one read each."""
+    K = cfg.latent_steps
+    if min(len(p) for p in prompts) <= K:
+        raise ValueError(f"latent_prefill: prompts must hold [BOS] history and {K} latent slots (build_prompt)")
+    ids, key_mask = left_pad([p[:-K] for p in prompts], model.device, model.pause_id - Tokens.PAUSE)
+    h = model.hidden(ids, key_mask=key_mask, cache=cache)[:, -1]
+    return model.lm_head(model.reason(h, cache))
+
+
 @torch.inference_mode()
 def beam_search(model: GPT, tok: Tokens, cfg: ModelConfig, trie: SIDTrie, prompts: list[list[int]],
                 beam_size: int, topk: int, return_rationales: bool = False, device=None):
@@ -652,7 +754,8 @@ def beam_search(model: GPT, tok: Tokens, cfg: ModelConfig, trie: SIDTrie, prompt
     Log-probs are normalised over the FULL vocabulary and the trie only restricts which tokens are
     selected, so a beam's score is exactly the teacher-forced log-prob of its SID (see score_items).
     In cot mode the rationale is decoded greedily first; scores are conditioned on it (its tokens are
-    returned third with return_rationales=True). Runs on the model's device (`device` only checks it).
+    returned third with return_rationales=True). In latent mode the prompts' last K tokens are the latent
+    steps (latent_prefill). Runs on the model's device (`device` only checks it).
     """
     if beam_size < 1 or topk < 1:
         raise ValueError(f"beam_search: beam_size and topk must be >= 1, got {beam_size}, {topk}")
@@ -665,10 +768,13 @@ def beam_search(model: GPT, tok: Tokens, cfg: ModelConfig, trie: SIDTrie, prompt
         trie.to(dev)
     if not prompts or min(len(p) for p in prompts) == 0:
         raise ValueError("beam_search: prompts must be non-empty token lists (start with BOS)")
-    ids, key_mask = left_pad(prompts, dev, tok.PAD)
-    B, L = ids.shape[0], trie.num_levels
+    B, L = len(prompts), trie.num_levels
     cache = KVCache()
-    logits = model(ids, key_mask=key_mask, cache=cache, select="last")          # [B, V]: one parallel prefill
+    if cfg.reasoning == "latent":
+        logits = latent_prefill(model, cfg, prompts, cache)                    # [B, V]: prefill + K steps
+    else:
+        ids, key_mask = left_pad(prompts, dev, tok.PAD)
+        logits = model(ids, key_mask=key_mask, cache=cache, select="last")      # [B, V]: one parallel prefill
     rationales = None
     if cfg.reasoning == "cot":
         logits, rationales = _decode_rationale(model, tok, cfg, cache, logits)
@@ -708,14 +814,27 @@ def score_items(model: GPT, tok: Tokens, cfg: ModelConfig, prompt: list[int], it
     """Exhaustive teacher-forced scoring: log P(sid(item) | prompt) for each item -> FloatTensor [n].
 
     The reference the beam search must match (in cot, pass a prompt ending with the rationale and </think>).
+    In latent mode the K latent steps are recomputed without a cache: K full passes over the prompt, each
+    filling in one more step's input (the state before it + reasoning_pos[k]), then one over prompt + SID.
     """
     was_training = model.training
     model.eval()
     Tp, out = len(prompt), []
+    prompt_ids = torch.tensor([prompt], device=model.device)
+    emb = model.transformer.wte(prompt_ids)                                    # [1, Tp, d]
+    if cfg.reasoning == "latent":
+        for k in range(cfg.latent_steps):
+            at = Tp - cfg.latent_steps + k                                     # step k's slot
+            emb = emb.clone()
+            emb[:, at] = model.hidden(embeds=emb)[:, at - 1] + model.reasoning_pos[k]
     for i in range(0, len(item_ids), chunk):
         sids = torch.tensor([tok.sid(int(x)) for x in item_ids[i: i + chunk]], device=model.device)
-        seq = torch.cat([torch.tensor(prompt, device=model.device).expand(len(sids), Tp), sids], 1)
-        logits = model(seq[:, :-1])[:, Tp - 1:]                                # [n, L, V]
+        if cfg.reasoning == "latent":
+            embeds = torch.cat([emb.expand(len(sids), -1, -1), model.transformer.wte(sids[:, :-1])], 1)
+            logits = model.lm_head(model.hidden(embeds=embeds)[:, Tp - 1:])    # [n, L, V]
+        else:
+            seq = torch.cat([prompt_ids.expand(len(sids), Tp), sids], 1)
+            logits = model(seq[:, :-1])[:, Tp - 1:]                            # [n, L, V]
         out.append(torch.log_softmax(logits.float(), -1).gather(2, sids[..., None]).sum((1, 2)))
     model.train(was_training)
     return torch.cat(out)
@@ -797,14 +916,14 @@ def make_model(cfg: ModelConfig, tok: Tokens, pretrained: bool = True) -> GPT:
     rows (ids tok.base..) are appended to GPT-2's embedding, each initialised to the mean pretrained row.
     """
     if cfg.backbone == "scratch":
-        return GPT(cfg, tok.size)
+        return GPT(cfg, tok.size, tok.base)
     hf = gpt2_config(cfg.gpt2_dir)
     if cfg.max_len > hf["n_positions"]:
         raise ValueError(f"model.max_len={cfg.max_len} exceeds GPT-2's n_positions={hf['n_positions']}")
     if tok.base != hf["vocab_size"]:
         raise ValueError(f"Tokens were built for a text vocabulary of {tok.base}, GPT-2 has {hf['vocab_size']}")
     model = GPT(dataclasses.replace(cfg, n_layer=hf["n_layer"], n_head=hf["n_head"], d_model=hf["n_embd"]),
-                tok.size)
+                tok.size, tok.base)
     for m in model.modules():
         if isinstance(m, nn.LayerNorm):
             m.eps = hf.get("layer_norm_epsilon", 1e-5)
@@ -816,10 +935,12 @@ def make_model(cfg: ModelConfig, tok: Tokens, pretrained: bool = True) -> GPT:
         sd["transformer.wte.weight"] = torch.cat([wte, wte.mean(0).expand(tok.size - tok.base, -1)])
         sd["lm_head.weight"] = sd["transformer.wte.weight"]
         sd["transformer.wpe.weight"] = sd["transformer.wpe.weight"][: cfg.max_len]
+        own = ("pause_slots", "reasoning_pos")    # ours, not GPT-2's: kept as initialised
+        sd.update({k: v for k, v in model.state_dict().items() if k in own})
         model.load_state_dict(sd)
-    if cfg.train_only_new_tokens:
+    if cfg.train_only_new_tokens:   # the new token rows, the pause slots and the latent step embeddings train
         for name, p in model.named_parameters():
-            p.requires_grad_(name == "transformer.wte.weight")
+            p.requires_grad_(name in ("transformer.wte.weight", "pause_slots", "reasoning_pos"))
         base = tok.base  # wte is one tensor (tied with lm_head): zero the gradient of the pretrained rows
         model.transformer.wte.weight.register_hook(lambda g: torch.cat([torch.zeros_like(g[:base]), g[base:]]))
     return model

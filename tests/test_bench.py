@@ -1,3 +1,4 @@
+import json
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,41 @@ def test_bench_reasoning_quick(tmp_path):
     assert bench.finished(tmp_path / "b" / slug, run_args + ["train.threads=2", "data.dir=elsewhere"])
     with pytest.raises(ValueError, match="model.num_pauses"):
         bench.finished(tmp_path / "b" / slug, run_args + ["model.num_pauses=3"])
+
+
+def test_bench_seeds_mean_std(tmp_path, capsys):
+    """Two seeds of a tiny run: a table of mean and std per metric, one JSON object last; a rerun reuses them."""
+    overrides = ["data.num_users=300", "data.num_items=60", "sid.codebook_size=8", "sid.embed_dim=32",
+                 "sid.hidden=[64]", "sid.latent_dim=8", "sid.epochs=5", "sid.batch_size=60", "model.n_layer=1",
+                 "model.d_model=16", "model.n_head=2", "train.epochs=1", "train.warmup_steps=2", "train.patience=0",
+                 "train.refit_epochs=0", "train.threads=1", "eval.every=0", "eval.batch_size=128",
+                 f"train.sid_cache={tmp_path / 'sids'}"]
+    args = ["seeds", str(ROOT / "configs" / "demo.yaml"), "--seeds", "2", "--out", str(tmp_path / "s"), *overrides]
+    out = bench.main(args)
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(printed[-1]) == out
+    assert any(line.startswith("| test ndcg@10 |") for line in printed)
+    assert [r["seed"] for r in out["runs"]] == [0, 1]
+    for split in ("valid", "test"):
+        for key in ("recall@5", "recall@10", "ndcg@5", "ndcg@10"):
+            values = [r[split][key] for r in out["runs"]]
+            assert out["summary"][split][key]["mean"] == pytest.approx(sum(values) / 2, abs=1e-6)
+            assert out["summary"][split][key]["std"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5, abs=1e-6)
+    assert out["summary"]["train_seconds"]["mean"] > 0
+    assert bench.main(args)["runs"] == out["runs"]                   # finished runs are reused
+    assert "reusing the finished run" in capsys.readouterr().out
+
+
+def test_bench_reasoning_seeds_runs_and_table(capsys):
+    """--seeds N: each mode in N folders with train.seed 0..N-1; the table shows mean ± std. (The training
+    itself is test_bench_reasoning_quick's and test_bench_seeds_mean_std's.)"""
+    one, two = bench.mode_runs("c.yaml", ["x=1"], "o"), bench.mode_runs("c.yaml", ["x=1"], "o", seeds=2)
+    assert [r[1] for r in one][:2] == ["none", "pause_M1"] and not any("train.seed=" in a for r in one for a in r[2])
+    assert [r[:2] for r in two][:3] == [("none", "none_seed0"), ("none", "none_seed1"), ("pause M=1", "pause_M1_seed0")]
+    assert "train.seed=1" in two[1][2] and "train.name=none_seed1" in two[1][2] and len(two) == 2 * len(one)
+    m = {"recall@5": .1, "ndcg@5": .05, "recall@10": .2, "ndcg@10": .08}
+    row = {"mode": "none", "valid": m, "test": m, "valid_std": dict.fromkeys(m, .01), "test_std": dict.fromkeys(m, .02),
+           "epochs": 1, "train_tokens": 1e6, "train_tokens_per_s": 1e4, "users_per_s_batch1": 1,
+           "ms_per_user_batch1": 1, "users_per_s_batch256": 2}
+    bench.print_table([row])
+    assert "| none | 0.0800 ± 0.0100 | 0.1000 ± 0.0200 |" in capsys.readouterr().out

@@ -452,3 +452,26 @@ def test_beam_search_matches_transformers_generate(tmp_path):
     batched, batched_scores = bench.hf_beam_search(ref, tok, trie, prompts, K, K)
     assert len(set(map(len, prompts))) > 1                  # left padding is exercised
     assert torch.equal(batched, items) and torch.allclose(batched_scores, scores, atol=1e-4)
+
+
+def test_gpt2_backbone_latent_and_distinct_pauses(tmp_path):
+    """The latent steps and the distinct pause rows on a pretrained GPT-2 with titled prompts: the full beam
+    equals exhaustive scoring, and with train_only_new_tokens their parameters train beside the new rows."""
+    folder = write_checkpoint(tmp_path / "ckpt", n_positions=96)
+    for kw in ({"reasoning": "latent", "latent_steps": 2}, {"reasoning": "pause", "pause_embeddings": "distinct"}):
+        cfg, tok, codes, _ = gpt2_setup(folder, prompt="sids+titles", train_only_new_tokens=True, max_len=96,
+                                        pause_layout="target", num_pauses=2, **kw)
+        model = pr.make_model(cfg, tok)
+        own = "reasoning_pos" if cfg.reasoning == "latent" else "pause_slots"
+        assert {n for n, p in model.named_parameters() if p.requires_grad} == {"transformer.wte.weight", own}
+        with torch.no_grad():   # our rows all start as GPT-2's mean row: make the items' scores differ
+            getattr(model, own).normal_(0, 0.5)
+            model.transformer.wte.weight[tok.base:] += 0.5 * torch.randn(tok.size - tok.base, model.cfg.d_model)
+        prompts = [pr.build_prompt(tok, cfg, h) for h in ([0, 1], [3], [2, 4, 1])]
+        items, scores = pr.beam_search(model, tok, cfg, pr.SIDTrie(codes), prompts, beam_size=5, topk=5)
+        for b, p in enumerate(prompts):
+            ref_scores, ref_items = pr.score_items(model, tok, cfg, p, range(5)).sort(descending=True)
+            assert items[b].tolist() == ref_items.tolist() and torch.allclose(scores[b], ref_scores, atol=1e-5)
+        batch = pr.collate([pr.build_example(tok, cfg, [0, 1], 3), pr.build_example(tok, cfg, [2], 4)], tok.PAD)
+        model.loss(*batch).backward()
+        assert getattr(model, own).grad.abs().sum() > 0

@@ -394,3 +394,112 @@ def test_cot_decoding_cap():
     assert rats == [[tok.word_index["red"]] * 3] * 3
     assert len(calls) == 1 + (3 + 1) + (codes.shape[1] - 1)   # prefill, 3 words + </think>, SID levels
     assert all(trie.lookup(codes[i].tolist()) == i for i in items.flatten().tolist())
+
+
+# ---------------------------------------------------------------------------------------------- pause variants, latent
+
+
+def test_shared_pause_embeddings_unchanged_and_distinct_rows_learn():
+    cfg, tok, model, trie, codes = setup(7, M=3)
+    ex = [pr.build_example(tok, cfg, h, 5) for h in histories(7, len(codes))]
+    ids, mask = pr.collate(ex)
+    model.eval()
+    # shared: logits bit-identical to the plain embedding sum (the forward as it was before the option)
+    x = model.transformer.wte(ids) + model.transformer.wpe(torch.arange(ids.shape[1]))
+    for block in model.transformer.h:
+        x = block(x, None, None, 0)
+    assert torch.equal(model(ids), model.lm_head(model.transformer.ln_f(x)))
+    assert model.pause_slots is None and "pause_slots" not in model.state_dict()
+    # distinct: starts as the shared model, its M rows get different gradients and part after a few steps
+    dcfg, _, dmodel, _, _ = setup(7, M=3, pause_embeddings="distinct")
+    dmodel.load_state_dict({**model.state_dict(), "pause_slots": torch.zeros(3, cfg.d_model)})  # GPT's init
+    dmodel.eval()
+    assert torch.equal(dmodel(ids), model(ids))
+    opt = torch.optim.AdamW(dmodel.parameters(), lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        dmodel.loss(ids, mask).backward()
+        assert (dmodel.pause_slots.grad.abs().sum(1) > 0).all()
+        opt.step()
+    rows = dmodel.pause_slots.detach()
+    assert rows.shape == (3, cfg.d_model) and (torch.cdist(rows, rows) + torch.eye(3) > 1e-3).all()
+
+
+def test_distinct_pause_slots_under_padding_and_kv_cache():
+    cfg, tok, model, trie, codes = setup(8, M=2, pause_embeddings="distinct", layout="every_item")
+    with torch.no_grad():
+        model.pause_slots.normal_(0, 1.0)
+    model.eval()
+    P = pr.Tokens.PAUSE
+    ids = torch.tensor([[1, P, P, 7, 8, P, P, P, 9, P]])
+    slot = model.pause_slot_rows(ids, None, None)                        # slots 0 1 _ _ 0 1 0 _ 0
+    expect = [None, 0, 1, None, None, 0, 1, 0, None, 0]
+    for t, j in enumerate(expect):
+        assert torch.equal(slot[0, t], torch.zeros(cfg.d_model) if j is None else model.pause_slots[j])
+    # one read in three pieces through the cache (a run split across reads) = one full read
+    full = model(ids)
+    cache = pr.KVCache()
+    parts = [model(ids[:, :6], cache=cache), model(ids[:, 6:7], cache=cache), model(ids[:, 7:], cache=cache)]
+    assert torch.allclose(torch.cat(parts, 1), full, atol=1e-5)
+    # left padding: batched prompts score as alone, and the full beam still equals exhaustive scoring
+    prompts = [pr.build_prompt(tok, cfg, h) for h in histories(8, len(codes))]
+    items, scores = pr.beam_search(model, tok, cfg, trie, prompts, beam_size=len(codes), topk=len(codes))
+    for b, p in enumerate(prompts):
+        ref_scores, ref_items = pr.score_items(model, tok, cfg, p, list(range(len(codes)))).sort(descending=True)
+        assert items[b].tolist() == ref_items.tolist() and torch.allclose(scores[b], ref_scores, atol=1e-5)
+
+
+def test_latent_config_and_examples():
+    with pytest.raises(ValueError, match="model.pause_layout=target"):
+        pr.ModelConfig(reasoning="latent")
+    with pytest.raises(ValueError, match="model.latent_steps"):
+        pr.ModelConfig(reasoning="latent", pause_layout="target", latent_steps=0)
+    cfg, tok, model, _, _ = setup(0, reasoning="latent", latent_steps=3)
+    ids, mask = pr.build_example(tok, cfg, [0, 1], 2)
+    assert ids == [1] + tok.sid(0) + tok.sid(1) + [pr.Tokens.PAUSE] * 3 + tok.sid(2)
+    assert mask == [False] * (len(ids) - 3) + [True] * 3
+    assert pr.build_prompt(tok, cfg, [0, 1]) == ids[:-3]
+    assert model.reasoning_pos.shape == (3, cfg.d_model)
+    with pytest.raises(ValueError, match="every_item"):
+        pr.build_sequence_example(tok, cfg, [0, 1, 2])
+
+
+def test_latent_prefill_kv_cache_equals_full_recompute():
+    cfg, tok, model, _, codes = setup(9, reasoning="latent", latent_steps=3)
+    model.eval()
+    prompts = [pr.build_prompt(tok, cfg, h) for h in histories(9, len(codes), (4, 0, 2))]
+    with torch.no_grad():
+        cached = pr.latent_prefill(model, cfg, prompts, pr.KVCache())      # left-padded, K cached steps
+        for b, p in enumerate(prompts):                                     # by hand: K full passes, no cache
+            emb = model.transformer.wte(torch.tensor([p]))
+            for k in range(3):
+                at = len(p) - 3 + k
+                state = model.hidden(embeds=emb)[0, at - 1]
+                emb = torch.cat([emb[:, :at], (state + model.reasoning_pos[k])[None, None], emb[:, at + 1:]], 1)
+            full = model.lm_head(model.hidden(embeds=emb)[0, -1])
+            assert torch.allclose(cached[b], full, atol=1e-5)
+            stateless = model(torch.tensor([p]), select="last")[0]         # the slots read as <pause> tokens
+            assert not torch.allclose(full, stateless, atol=1e-3)           # the steps matter
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_latent_full_beam_equals_exhaustive_and_loss_matches(seed):
+    cfg, tok, model, trie, codes = setup(seed, reasoning="latent", latent_steps=2, n=40, sizes=(3, 4, 4, 2))
+    N = len(codes)
+    hs = histories(seed, N)
+    prompts = [pr.build_prompt(tok, cfg, h) for h in hs]
+    items, scores = pr.beam_search(model, tok, cfg, trie, prompts, beam_size=N, topk=N)
+    refs = [pr.score_items(model, tok, cfg, p, list(range(N))) for p in prompts]
+    for b in range(len(prompts)):
+        ref_scores, ref_items = refs[b].sort(descending=True)
+        assert items[b].tolist() == ref_items.tolist()
+        assert torch.allclose(scores[b], ref_scores, atol=1e-5)
+    # the training loss (right-padded batch, cached steps) is the mean of the targets' token log-losses
+    targets = [3, 0, 7]
+    ids, mask = pr.collate([pr.build_example(tok, cfg, h, t) for h, t in zip(hs, targets)])
+    model.eval()
+    loss = model.loss(ids, mask)
+    expect = -sum(refs[b][t] for b, t in enumerate(targets)) / (len(targets) * tok.num_levels)
+    assert torch.allclose(loss, expect, atol=1e-5)
+    loss.backward()
+    assert model.reasoning_pos.grad.abs().sum(1).min() > 0

@@ -142,3 +142,14 @@ def test_demo_config_is_valid():
     for name in ("beauty", "sports", "toys"):
         raw = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
         assert data.load_config(ROOT / "configs" / f"{name}.yaml", [], train.SECTIONS)["data"].source == "amazon", raw
+
+
+def test_tiny_latent_run_trains_and_evaluate_reproduces_test(tmp_path):
+    metrics = train.main(tiny_args(tmp_path, "train.epochs=1", "train.log_every=5", "sid.epochs=5",
+                                   "model.reasoning=latent", "model.latent_steps=2"))
+    run = tmp_path / "runs" / "demo"
+    losses = [r["loss"] for r in map(json.loads, open(run / "log.jsonl")) if "loss" in r]
+    assert len(losses) >= 2 and losses[-1] < losses[0]
+    assert "reasoning_pos" in torch.load(run / "model.pt", weights_only=True)["model"]
+    again = evaluate.main([str(run), "eval.batch_size=7"])
+    assert all(again[k] == metrics["test"][k] for k in ("recall@5", "recall@10", "ndcg@5", "ndcg@10"))
