@@ -347,7 +347,7 @@ def bench_reasoning(args, overrides):
     table, timed = [], []   # timed: (row, key, fn, count); count / seconds is the figure
     for name, slug, run_args in runs[::args.seeds]:   # a mode's first seed is timed; its metrics: all seeds
         seeds = [json.loads((out_dir / r[1] / "metrics.json").read_text()) for r in runs if r[0] == name]
-        metrics = json.loads((out_dir / slug / "metrics.json").read_text())
+        metrics = seeds[0]   # slug's: the mode's first seed
         now = data.load_config(run_args[0], run_args[1:], train.SECTIONS)   # this machine's settings
         device = train.pick_device(now["train"].device)
         if now["train"].threads:

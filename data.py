@@ -262,8 +262,7 @@ def k_core(rows: list[tuple], k: int, filter: bool) -> list[tuple]:
             raise ValueError(f"no interactions left after {k}-core filtering (data.k_core={k})")
 
 
-def load_amazon(cfg: DataConfig) -> Dataset:
-    check_template(cfg.item_text)
+def load_amazon(cfg: DataConfig) -> Dataset:   # cfg checked by load_dataset (check_data_config)
     reviews_path, meta_path = find_files(cfg)
     rows = k_core(read_reviews(reviews_path), cfg.k_core, cfg.filter_k_core)
     # indices by order of first appearance in the reviews file (deterministic)
@@ -320,9 +319,7 @@ def check_synthetic(cfg: DataConfig):
                          f">= {2 * n_types}, and data.num_users >= 1; got {cfg.num_items} and {cfg.num_users}")
 
 
-def load_synthetic(cfg: DataConfig) -> Dataset:
-    check_template(cfg.item_text)
-    check_synthetic(cfg)
+def load_synthetic(cfg: DataConfig) -> Dataset:   # cfg checked by load_dataset (check_data_config)
     n_types = len(PRODUCT_TYPES)
     rng, used = random.Random(cfg.seed), set()
     n_brands = cfg.num_items // n_types

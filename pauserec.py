@@ -733,13 +733,13 @@ def _decode_rationale(model: GPT, tok: Tokens, cfg: ModelConfig, cache: KVCache,
     return sid_logits, rationales
 
 
-def latent_prefill(model: GPT, cfg: ModelConfig, prompts: list[list[int]], cache: KVCache):
+def latent_prefill(model: GPT, cfg: ModelConfig, prompts: list[list[int]], cache: KVCache, pad: int):
     """latent: logits [B, V] after the K latent steps, cache filled. Each prompt's last K tokens are its latent
     slots: the rest ([BOS] history, left-padded) is read in one pass, then the K steps one read each."""
     K = cfg.latent_steps
     if min(len(p) for p in prompts) <= K:
         raise ValueError(f"latent_prefill: prompts must hold [BOS] history and {K} latent slots (build_prompt)")
-    ids, key_mask = left_pad([p[:-K] for p in prompts], model.device, model.pause_id - Tokens.PAUSE)
+    ids, key_mask = left_pad([p[:-K] for p in prompts], model.device, pad)
     h = model.hidden(ids, key_mask=key_mask, cache=cache)[:, -1]
     return model.lm_head(model.reason(h, cache))
 
@@ -771,7 +771,7 @@ def beam_search(model: GPT, tok: Tokens, cfg: ModelConfig, trie: SIDTrie, prompt
     B, L = len(prompts), trie.num_levels
     cache = KVCache()
     if cfg.reasoning == "latent":
-        logits = latent_prefill(model, cfg, prompts, cache)                    # [B, V]: prefill + K steps
+        logits = latent_prefill(model, cfg, prompts, cache, tok.PAD)           # [B, V]: prefill + K steps
     else:
         ids, key_mask = left_pad(prompts, dev, tok.PAD)
         logits = model(ids, key_mask=key_mask, cache=cache, select="last")      # [B, V]: one parallel prefill

@@ -469,7 +469,7 @@ def test_latent_prefill_kv_cache_equals_full_recompute():
     model.eval()
     prompts = [pr.build_prompt(tok, cfg, h) for h in histories(9, len(codes), (4, 0, 2))]
     with torch.no_grad():
-        cached = pr.latent_prefill(model, cfg, prompts, pr.KVCache())      # left-padded, K cached steps
+        cached = pr.latent_prefill(model, cfg, prompts, pr.KVCache(), tok.PAD)      # left-padded, K cached steps
         for b, p in enumerate(prompts):                                     # by hand: K full passes, no cache
             emb = model.transformer.wte(torch.tensor([p]))
             for k in range(3):
