@@ -122,18 +122,18 @@ GPT2_FILES = ("config.json", "vocab.json", "merges.txt", "model.safetensors")
 
 
 def fetch_gpt2(mcfg):
-    """Fetch the GPT-2 files that model.gpt2_dir lacks from model.gpt2_url (e.g. the Hugging Face hub)."""
-    folder = Path(mcfg.gpt2_dir)
+    """Fetch the GPT-2 files that model.hf_dir lacks from model.hf_url (e.g. the Hugging Face hub)."""
+    folder = Path(mcfg.hf_dir)
     has_weights = (folder / "model.safetensors").is_file() or (folder / "pytorch_model.bin").is_file()
     missing = [f for f in GPT2_FILES if not (folder / f).is_file() and not (f == "model.safetensors" and has_weights)]
-    if missing and not mcfg.gpt2_url:
-        raise FileNotFoundError(f"model.gpt2_dir={folder} lacks {', '.join(missing)}: put a Hugging Face GPT-2 "
-                                f"folder there, or set model.gpt2_url to fetch it")
+    if missing and not mcfg.hf_url:
+        raise FileNotFoundError(f"model.hf_dir={folder} lacks {', '.join(missing)}: put a Hugging Face GPT-2 "
+                                f"folder there, or set model.hf_url to fetch it")
     for name in missing:
         try:
-            data.download(f"{mcfg.gpt2_url.rstrip('/')}/{name}", folder / name, desc=name)
+            data.download(f"{mcfg.hf_url.rstrip('/')}/{name}", folder / name, desc=name)
         except OSError as e:
-            raise OSError(f"model.gpt2_dir={folder} lacks {name} and fetching it failed (offline?): {e}") from e
+            raise OSError(f"model.hf_dir={folder} lacks {name} and fetching it failed (offline?): {e}") from e
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,7 +191,7 @@ def set_rng_state(state):
 
 def changed_settings(saved: dict, resolved: dict, sections=("data", "sid", "model"), ignore=()) -> list[str]:
     """'section.key: old -> new' for every setting of `sections` that differs from a saved config.yaml.
-    Where files live (data.dir, model.gpt2_dir, *_url, data.download) may change; keys new since, and the
+    Where files live (data.dir, model.hf_dir, *_url, data.download) may change; keys new since, and the
     'section.key' names in `ignore`, are skipped."""
     return [f"{s}.{k}: {saved[s][k]!r} -> {v!r}" for s in sections for k, v in resolved[s].items()
             if k in saved.get(s, {}) and saved[s][k] != v and f"{s}.{k}" not in ignore

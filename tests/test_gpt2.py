@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from test_train import tiny_args  # noqa: E402
 
+import backbones as bb  # noqa: E402
 import bench  # noqa: E402
 import evaluate  # noqa: E402
 import pauserec as pr  # noqa: E402
@@ -69,9 +70,9 @@ def write_safetensors(path, tensors, metadata=None):
 
 def train_bpe(corpus: str, num_merges: int):
     """A small byte-level BPE vocabulary (GPT-2's recipe): count pairs in pre-tokens, merge the commonest."""
-    b2u = pr.bytes_to_unicode()
+    b2u = bb.bytes_to_unicode()
     words = collections.Counter(tuple(b2u[b] for b in piece.encode()) for piece in
-                                pr.gpt2_pretokenizer().findall(corpus))
+                                bb.gpt2_pretokenizer().findall(corpus))
     vocab = list(b2u.values())
     merges = []
     for _ in range(num_merges):
@@ -143,7 +144,7 @@ def write_checkpoint(folder, n_layer=2, n_head=2, n_embd=32, n_positions=64, see
 
 
 def gpt2_setup(folder, **kw):
-    cfg = pr.ModelConfig(backbone="gpt2", gpt2_dir=str(folder), max_len=kw.pop("max_len", 64), **kw)
+    cfg = pr.ModelConfig(backbone="gpt2", hf_dir=str(folder), max_len=kw.pop("max_len", 64), **kw)
     codes = torch.tensor([[0, 1, 0], [1, 0, 2], [1, 2, 1], [2, 2, 0], [0, 0, 1]])
     meta = [{"title": t} for t in ("Nail polish top coat", "Lip gloss, 12 pack", None, "Crème brûlée mask",
                                    "Waterproof mascara")]
@@ -160,7 +161,7 @@ def test_safetensors_reader_hand_written_file(tmp_path):
                "c.bf16": torch.randn(2, 2, 2, generator=g).bfloat16(), "empty": torch.zeros(0, 3),
                "scalar": torch.tensor(7.0)}
     write_safetensors(tmp_path / "x.safetensors", tensors, {"format": "pt"})
-    got = pr.read_safetensors(tmp_path / "x.safetensors")
+    got = bb.read_safetensors(tmp_path / "x.safetensors")
     assert set(got) == set(tensors)
     for k, t in tensors.items():
         assert got[k].dtype == t.dtype and got[k].shape == t.shape and torch.equal(got[k], t), k
@@ -170,7 +171,7 @@ def test_safetensors_reader_matches_the_library(tmp_path):
     st = pytest.importorskip("safetensors.torch")
     tensors = {"w": torch.randn(4, 6), "h": torch.randn(3).half(), "bf": torch.randn(2, 5).bfloat16()}
     st.save_file(tensors, str(tmp_path / "y.safetensors"))
-    got = pr.read_safetensors(tmp_path / "y.safetensors")
+    got = bb.read_safetensors(tmp_path / "y.safetensors")
     for k, t in tensors.items():
         assert torch.equal(got[k], t), k
 
@@ -182,7 +183,7 @@ def test_safetensors_reader_matches_the_library(tmp_path):
                                                 ("transformer.", "bin", True)])
 def test_load_gpt2_maps_names_and_transposes_conv1d(tmp_path, prefix, fmt, buffers):
     folder = write_checkpoint(tmp_path / "ckpt", prefix=prefix, fmt=fmt, buffers=buffers)
-    sd, hf = pr.load_gpt2(folder)
+    sd, hf = bb.load_gpt2(folder)
     assert hf["n_layer"] == 2
     cfg, tok, _, _ = gpt2_setup(folder)
     model = pr.make_model(cfg, tok)
@@ -200,7 +201,7 @@ def test_load_gpt2_maps_names_and_transposes_conv1d(tmp_path, prefix, fmt, buffe
 def test_config_checks(tmp_path):
     with pytest.raises(ValueError, match="model.backbone"):
         pr.ModelConfig(backbone="llama")
-    with pytest.raises(ValueError, match="gpt2_dir"):
+    with pytest.raises(ValueError, match="hf_dir"):
         pr.ModelConfig(backbone="gpt2")
     with pytest.raises(ValueError, match="model.prompt"):
         pr.ModelConfig(prompt="titles")
@@ -209,13 +210,13 @@ def test_config_checks(tmp_path):
     folder = write_checkpoint(tmp_path / "ckpt")
     cfg, tok, _, _ = gpt2_setup(folder)
     with pytest.raises(ValueError, match="n_positions"):
-        pr.make_model(pr.ModelConfig(backbone="gpt2", gpt2_dir=str(folder), max_len=65), tok)
+        pr.make_model(pr.ModelConfig(backbone="gpt2", hf_dir=str(folder), max_len=65), tok)
     conf = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps(dict(conf, activation_function="relu")))
     with pytest.raises(ValueError, match="activation_function"):
         pr.make_model(cfg, tok)
     with pytest.raises(FileNotFoundError, match="config.json"):
-        pr.gpt2_config(tmp_path / "nowhere")
+        bb.gpt2_config(tmp_path / "nowhere")
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
@@ -263,16 +264,16 @@ def many_strings():
 
 def test_bpe_round_trip_and_pretokens(tmp_path):
     write_tokenizer(tmp_path)
-    bpe = pr.BPETokenizer(tmp_path)
+    bpe = bb.BPETokenizer(tmp_path)
     for s in many_strings():
         assert bpe.decode(bpe.encode(s)) == s, repr(s)
-    pat = pr.gpt2_pretokenizer()
+    pat = bb.gpt2_pretokenizer()
     assert pat.findall("Hello world's  café 12 ½Ⅻ x²!!  \n\n  end  ") == [
         "Hello", " world", "'s", " ", " café", " 12", " ½Ⅻ", " x", "²", "!!", "  \n\n ", " end", "  "]
     assert pat.findall("It'S don't") == ["It", "'", "S", " don", "'t"]   # contractions are lower case only
     assert pat.findall("a\x1cb") == ["a", "\x1c", "b"]                  # \x1c is not White_Space
     assert bpe.decode([bpe.encoder["Ġ"]]) == " "
-    assert bpe.decode([bpe.encoder[pr.bytes_to_unicode()[0xC3]]]) == "\ufffd"   # half a character: replaced
+    assert bpe.decode([bpe.encoder[bb.bytes_to_unicode()[0xC3]]]) == "\ufffd"   # half a character: replaced
 
 
 def test_pretokenizer_classes_equal_regex_module():
@@ -280,20 +281,20 @@ def test_pretokenizer_classes_equal_regex_module():
     regex = pytest.importorskip("regex")
     # exact for the code points this Python's Unicode version has assigned
     text = "".join(chr(c) for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) not in ("Cn", "Cs"))
-    pat = pr.gpt2_pretokenizer().pattern
+    pat = bb.gpt2_pretokenizer().pattern
     L = pat[pat.index(" ?[") + 2: pat.index("]+|")] + "]"
     for ours, theirs in ((L, r"\p{L}"), (r"[\t-\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]", r"\s")):
         assert re.findall(ours, text) == regex.findall(theirs, text), theirs
     ref = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
     for s in many_strings():
-        assert pr.gpt2_pretokenizer().findall(s) == ref.findall(s), repr(s)
+        assert bb.gpt2_pretokenizer().findall(s) == ref.findall(s), repr(s)
 
 
 def test_tokenizer_matches_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     write_tokenizer(tmp_path)
     ref = transformers.GPT2Tokenizer.from_pretrained(str(tmp_path))
-    ours = pr.BPETokenizer(tmp_path)
+    ours = bb.BPETokenizer(tmp_path)
     strings = many_strings()
     assert len(strings) > 300
     for s in strings:
@@ -321,7 +322,7 @@ def test_titled_prompt_and_oldest_first_truncation(tmp_path):
     folder = write_checkpoint(tmp_path / "ckpt")
     cfg, tok, codes, meta = gpt2_setup(folder, prompt="sids+titles", reasoning="pause", num_pauses=2,
                                        pause_layout="target", max_len=64)
-    bpe = pr.BPETokenizer(folder)
+    bpe = bb.BPETokenizer(folder)
     assert tok.item_titles[0] == bpe.encode(" Nail polish top coat")[: cfg.max_title_len]
     assert tok.item_titles[2] == []                                        # no title
     ids, mask = pr.build_example(tok, cfg, [0, 2], 4)
@@ -380,23 +381,23 @@ def test_fetch_gpt2_from_local_http_server(tmp_path):
     server = serve(src)
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}"
-        cfg = pr.ModelConfig(backbone="gpt2", gpt2_dir=str(tmp_path / "local"), gpt2_url=url + "/")
+        cfg = pr.ModelConfig(backbone="gpt2", hf_dir=str(tmp_path / "local"), hf_url=url + "/")
         train.fetch_gpt2(cfg)
         for name in train.GPT2_FILES:
             assert (tmp_path / "local" / name).read_bytes() == (src / name).read_bytes(), name
         train.fetch_gpt2(cfg)  # all there: nothing to do
-        broken = pr.ModelConfig(backbone="gpt2", gpt2_dir=str(tmp_path / "other"), gpt2_url=url + "/missing")
+        broken = pr.ModelConfig(backbone="gpt2", hf_dir=str(tmp_path / "other"), hf_url=url + "/missing")
         with pytest.raises(OSError, match="fetching it failed"):
             train.fetch_gpt2(broken)
         assert not any((tmp_path / "other").iterdir())                        # no partial files
     finally:
         server.shutdown()
         server.server_close()
-    offline = pr.ModelConfig(backbone="gpt2", gpt2_dir=str(tmp_path / "x"), gpt2_url=url)   # server is gone
+    offline = pr.ModelConfig(backbone="gpt2", hf_dir=str(tmp_path / "x"), hf_url=url)   # server is gone
     with pytest.raises(OSError, match="offline"):
         train.fetch_gpt2(offline)
-    with pytest.raises(FileNotFoundError, match="model.gpt2_url"):
-        train.fetch_gpt2(pr.ModelConfig(backbone="gpt2", gpt2_dir=str(tmp_path / "y")))
+    with pytest.raises(FileNotFoundError, match="model.hf_url"):
+        train.fetch_gpt2(pr.ModelConfig(backbone="gpt2", hf_dir=str(tmp_path / "y")))
 
 
 # ----------------------------------------------------------------------------------------------- end to end
@@ -404,7 +405,7 @@ def test_fetch_gpt2_from_local_http_server(tmp_path):
 
 def test_tiny_gpt2_run_with_titles_trains_and_evaluates(tmp_path):
     folder = write_checkpoint(tmp_path / "gpt2", n_positions=96)
-    metrics = train.main(tiny_args(tmp_path, "train.epochs=2", "model.backbone=gpt2", f"model.gpt2_dir={folder}",
+    metrics = train.main(tiny_args(tmp_path, "train.epochs=2", "model.backbone=gpt2", f"model.hf_dir={folder}",
                                    "model.prompt=sids+titles", "model.max_len=96", "model.max_title_len=8",
                                    "train.lr=1e-2", "train.log_every=10"))
     run = tmp_path / "runs" / "demo"
@@ -428,7 +429,7 @@ def test_beam_search_matches_transformers_generate(tmp_path):
     g = torch.Generator().manual_seed(3)
     codes = torch.unique(torch.stack([torch.randint(0, s, (60,), generator=g) for s in (4, 5, 6)], 1), dim=0)
     meta = [{"title": f"item {i} " + ("gloss" if i % 2 else "polish")} for i in range(len(codes))]
-    cfg = pr.ModelConfig(backbone="gpt2", gpt2_dir=str(folder), max_len=64, prompt="sids+titles", num_pauses=2)
+    cfg = pr.ModelConfig(backbone="gpt2", hf_dir=str(folder), max_len=64, prompt="sids+titles", num_pauses=2)
     tok = pr.make_tokens(cfg, codes, (), meta)
     model = pr.make_model(cfg, tok).eval()
     with torch.no_grad():  # distinct new rows, so that items get clearly different scores
