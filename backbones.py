@@ -42,6 +42,25 @@ def read_safetensors(path) -> dict[str, torch.Tensor]:
     return out
 
 
+
+def write_safetensors(path, tensors: dict[str, torch.Tensor]):
+    """The inverse of read_safetensors: {name: tensor} -> a .safetensors file (written atomically)."""
+    names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+    header, offset, blobs = {}, 0, []
+    for name, t in tensors.items():
+        data = t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+        blobs.append(data)
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)   # the format pads the header to a multiple of 8 bytes
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(len(head).to_bytes(8, "little") + head)
+        for data in blobs:
+            f.write(data)
+    os.replace(tmp, path)
+
 def gpt2_config(model_dir) -> dict:
     """config.json of a GPT-2 folder, checked against what our decoder implements."""
     path = os.path.join(model_dir, "config.json")
