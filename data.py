@@ -46,6 +46,8 @@ class DataConfig:
     k_core: int = 5                 # every user and item must have >= k_core interactions (checked)
     filter_k_core: bool = False     # enforce it by iterative filtering instead of raising
     max_history: int = 20           # history cap (most recent items)
+    sample_users: int = 0           # keep a fixed random sample of this many users (0: all), drawn from seed
+                                    #   after the k-core check; the catalogue stays whole (cheap LLM runs)
     ties: str = "file"              # order of a user's items with the same timestamp (Amazon's are days):
                                     #   file (the standard protocol: file order) | shuffle (random, from seed)
     item_text: str = "{title}. Brand: {brand}. Categories: {categories}. Price: {price}."
@@ -355,6 +357,8 @@ def check_data_config(cfg: DataConfig):
     for key in ("k_core", "max_history"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"data.{key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.sample_users < 0:
+        raise ValueError(f"data.sample_users must be >= 0 (0: all users), got {cfg.sample_users}")
     if cfg.source not in ("amazon", "synthetic"):
         raise ValueError(f"data.source must be 'amazon' or 'synthetic', got {cfg.source!r}")
     if cfg.ties not in ("file", "shuffle"):
@@ -369,7 +373,17 @@ def check_data_config(cfg: DataConfig):
 
 def load_dataset(cfg: DataConfig) -> Dataset:
     check_data_config(cfg)
-    return load_amazon(cfg) if cfg.source == "amazon" else load_synthetic(cfg)
+    ds = load_amazon(cfg) if cfg.source == "amazon" else load_synthetic(cfg)
+    return sample_users(ds, cfg.sample_users, cfg.seed) if cfg.sample_users else ds
+
+
+def sample_users(ds: Dataset, n: int, seed: int) -> Dataset:
+    """The dataset with a fixed random sample of n users (in their original order) and every item: SIDs,
+    the trie and the baselines' candidate set stay those of the whole catalogue."""
+    if n >= len(ds.user_ids):
+        return ds
+    keep = sorted(random.Random(seed).sample(range(len(ds.user_ids)), n))
+    return ds._replace(user_ids=[ds.user_ids[u] for u in keep], sequences=[ds.sequences[u] for u in keep])
 
 
 # -----------------------------------------------------------------------------

@@ -104,7 +104,7 @@ def atomic_save(obj, path: Path):
 
 def sid_table(cfg, ds, cache_dir: Path):
     settings = {"data": asdict(cfg["data"]), "sid": asdict(cfg["sid"]), "items": len(ds.item_ids)}
-    for key in ("dir", "download", "cache_dir", "max_history", "ties"):   # SIDs depend on the item texts only
+    for key in ("dir", "download", "cache_dir", "max_history", "ties", "sample_users"):   # SIDs: item texts only
         settings["data"].pop(key)
     key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir / f"sids-{key}.pt"

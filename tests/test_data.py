@@ -382,3 +382,16 @@ def test_real_beauty_tie_protocols(beauty):
     assert [sorted(s) for s in shuffled.sequences] == [sorted(s) for s in beauty.sequences]
     shuffled = markov(shuffled.sequences)
     assert 0.033 < shuffled["ndcg@10"] < 0.036 and 0.057 < shuffled["recall@10"] < 0.061
+
+
+def test_sample_users_keeps_a_fixed_subset_and_every_item():
+    full = data.load_dataset(data.DataConfig(source="synthetic"))
+    a = data.load_dataset(data.DataConfig(source="synthetic", sample_users=300))
+    b = data.load_dataset(data.DataConfig(source="synthetic", sample_users=300))
+    assert a == b and len(a.user_ids) == 300 and a.item_ids == full.item_ids
+    index = {u: i for i, u in enumerate(full.user_ids)}
+    assert [index[u] for u in a.user_ids] == sorted(index[u] for u in a.user_ids)   # original order kept
+    assert all(full.sequences[index[u]] == s for u, s in zip(a.user_ids, a.sequences))
+    assert data.load_dataset(data.DataConfig(source="synthetic", sample_users=10**6)) == full
+    with pytest.raises(ValueError, match="data.sample_users"):
+        data.load_dataset(data.DataConfig(source="synthetic", sample_users=-1))
