@@ -118,22 +118,57 @@ def sid_table(cfg, ds, cache_dir: Path):
     return codes, settings, health
 
 
-GPT2_FILES = ("config.json", "vocab.json", "merges.txt", "model.safetensors")
+# What a Hugging Face folder needs: config.json, a tokenizer (either form) and the weights (either form).
+HF_TOKENIZERS = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+HF_WEIGHTS = (("model.safetensors",), ("model.safetensors.index.json",), ("pytorch_model.bin",))
 
 
-def fetch_gpt2(mcfg):
-    """Fetch the GPT-2 files that model.hf_dir lacks from model.hf_url (e.g. the Hugging Face hub)."""
+def fetch_hf(mcfg):
+    """Fetch the files that model.hf_dir lacks from model.hf_url (e.g. a Hugging Face hub repository):
+    config.json, then the first tokenizer form and weights form the server has (a sharded checkpoint's
+    index, then the shards it names)."""
     folder = Path(mcfg.hf_dir)
-    has_weights = (folder / "model.safetensors").is_file() or (folder / "pytorch_model.bin").is_file()
-    missing = [f for f in GPT2_FILES if not (folder / f).is_file() and not (f == "model.safetensors" and has_weights)]
+
+    def have(names):
+        return all((folder / n).is_file() for n in names)
+
+    missing = [f for f, ok in (("config.json", have(["config.json"])),
+                               ("a tokenizer", any(map(have, HF_TOKENIZERS))),
+                               ("weights", any(map(have, HF_WEIGHTS)))) if not ok]
     if missing and not mcfg.hf_url:
-        raise FileNotFoundError(f"model.hf_dir={folder} lacks {', '.join(missing)}: put a Hugging Face GPT-2 "
+        raise FileNotFoundError(f"model.hf_dir={folder} lacks {', '.join(missing)}: put a Hugging Face model "
                                 f"folder there, or set model.hf_url to fetch it")
-    for name in missing:
+    if not have(["config.json"]):
+        fetch_one(mcfg, "config.json")
+    for forms in (HF_TOKENIZERS, HF_WEIGHTS):
+        if not any(map(have, forms)):
+            fetch_first(mcfg, forms)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            if not (folder / shard).is_file():
+                fetch_one(mcfg, shard)
+
+
+def fetch_first(mcfg, forms):
+    """Fetch the first of `forms` (tuples of file names) that the server has all of."""
+    errors = []
+    for names in forms:
         try:
-            data.download(f"{mcfg.hf_url.rstrip('/')}/{name}", folder / name, desc=name)
+            for name in names:
+                fetch_one(mcfg, name)
+            return
         except OSError as e:
-            raise OSError(f"model.hf_dir={folder} lacks {name} and fetching it failed (offline?): {e}") from e
+            errors.append(str(e))
+    raise OSError(f"model.hf_dir={mcfg.hf_dir}: none of {[' + '.join(f) for f in forms]} could be fetched "
+                  f"from model.hf_url (offline?): {errors[0]}")
+
+
+def fetch_one(mcfg, name):
+    try:
+        data.download(f"{mcfg.hf_url.rstrip('/')}/{name}", Path(mcfg.hf_dir) / name, desc=name)
+    except OSError as e:
+        raise OSError(f"model.hf_dir={mcfg.hf_dir} lacks {name} and fetching it failed (offline?): {e}") from e
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,8 +338,8 @@ def main(argv):
         dist.barrier()
     print(f"SIDs: {json.dumps(sid_health)}")
     words = pauserec.rationale_words(ds.item_meta, mcfg.rationale_file) if mcfg.reasoning == "cot" else []
-    if mcfg.backbone == "gpt2":
-        fetch_gpt2(mcfg)
+    if mcfg.backbone != "scratch":
+        fetch_hf(mcfg)
     tok = pauserec.make_tokens(mcfg, codes, words, ds.item_meta)
     trie = pauserec.SIDTrie(codes)
     rng = random.Random(tcfg.seed)

@@ -376,29 +376,48 @@ def serve(folder):
     return server
 
 
-def test_fetch_gpt2_from_local_http_server(tmp_path):
+def test_fetch_hf_folder_from_local_http_server(tmp_path):
     src = write_checkpoint(tmp_path / "hub")
     server = serve(src)
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}"
         cfg = pr.ModelConfig(backbone="gpt2", hf_dir=str(tmp_path / "local"), hf_url=url + "/")
-        train.fetch_gpt2(cfg)
-        for name in train.GPT2_FILES:
+        train.fetch_hf(cfg)
+        for name in ("config.json", "vocab.json", "merges.txt", "model.safetensors"):
             assert (tmp_path / "local" / name).read_bytes() == (src / name).read_bytes(), name
-        train.fetch_gpt2(cfg)  # all there: nothing to do
+        train.fetch_hf(cfg)  # all there: nothing to do
         broken = pr.ModelConfig(backbone="gpt2", hf_dir=str(tmp_path / "other"), hf_url=url + "/missing")
         with pytest.raises(OSError, match="fetching it failed"):
-            train.fetch_gpt2(broken)
+            train.fetch_hf(broken)
         assert not any((tmp_path / "other").iterdir())                        # no partial files
     finally:
         server.shutdown()
         server.server_close()
     offline = pr.ModelConfig(backbone="gpt2", hf_dir=str(tmp_path / "x"), hf_url=url)   # server is gone
     with pytest.raises(OSError, match="offline"):
-        train.fetch_gpt2(offline)
+        train.fetch_hf(offline)
     with pytest.raises(FileNotFoundError, match="model.hf_url"):
-        train.fetch_gpt2(pr.ModelConfig(backbone="gpt2", hf_dir=str(tmp_path / "y")))
+        train.fetch_hf(pr.ModelConfig(backbone="gpt2", hf_dir=str(tmp_path / "y")))
 
+
+
+def test_fetch_hf_takes_tokenizer_json_and_the_shards_the_index_names(tmp_path):
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    files = {"config.json": "{}", "tokenizer.json": "{}", shards[0]: "a", shards[1]: "b",
+             "model.safetensors.index.json": json.dumps({"weight_map": {"x": shards[0], "y": shards[1]}})}
+    for name, text in files.items():
+        (hub / name).write_text(text)
+    server = serve(hub)
+    try:
+        cfg = pr.ModelConfig(backbone="gpt2", hf_dir=str(tmp_path / "local"),
+                             hf_url=f"http://127.0.0.1:{server.server_address[1]}")
+        train.fetch_hf(cfg)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert sorted(p.name for p in (tmp_path / "local").iterdir()) == sorted(files)   # no vocab.json tried after
 
 # ----------------------------------------------------------------------------------------------- end to end
 
