@@ -7,7 +7,7 @@
         --peer (needs transformers): on the first catalogue, the same weights exported into
         transformers' GPT2LMHeadModel and generate(num_beams, prefix_allowed_tokens_fn) on the same
         prompts: top-10 agreement with ours and users/s of both, at batch 1 and batch --peer-users
-    python bench.py reasoning CONFIG [--quick] [--jobs N] [--seeds N] [--out DIR] [key=value ...]
+    python bench.py reasoning CONFIG [--quick] [--jobs N] [--seeds N] [--modes A,B] [--out DIR] [key=value ...]
         train and evaluate the modes none, pause (M = 1, 2, 4, 8) and cot (rationale noise 0, 0.5, 1)
         on the same data, SIDs and budget (--jobs N: N modes at once, as separate processes; finished
         modes in DIR are reused; --seeds N: each mode with train.seed 0..N-1, metrics as mean and std);
@@ -280,17 +280,29 @@ def train_steps(tok, mcfg, ds, max_history, batch_size, model, device, steps=20)
     return run, sum(len(examples[i][0]) for rows in order for i in rows)
 
 
-def mode_runs(config, overrides, out_dir, seeds=1):
+def mode_runs(config, overrides, out_dir, seeds=1, modes=""):
     """[(mode name, run folder name, train.py arguments)] of the reasoning table: one per mode (the config's
-    train.seed), or with seeds > 1 one per mode and seed 0..seeds-1 (folders <mode>_seed<s>)."""
+    train.seed), or with seeds > 1 one per mode and seed 0..seeds-1 (folders <mode>_seed<s>).
+    modes: a comma-separated subset of MODES' names ('' = all)."""
     runs = []
-    for name, mode in MODES:
+    for name, mode in pick_modes(modes):
         slug = name.replace(" ", "_").replace("=", "")
         for s in range(seeds):
             run, seed = (slug, []) if seeds == 1 else (f"{slug}_seed{s}", [f"train.seed={s}"])
             runs.append((name, run, [config, *overrides, *mode, *seed, f"train.name={run}",
                                      f"train.out_dir={out_dir}"]))
     return runs
+
+
+def pick_modes(modes: str):
+    if not modes:
+        return MODES
+    names = [m.strip() for m in modes.split(",")]
+    known = dict(MODES)
+    for m in names:
+        if m not in known:
+            raise ValueError(f"--modes: unknown mode {m!r}; the modes are {', '.join(known)}")
+    return [(m, known[m]) for m in names]
 
 
 def seed_runs(config, overrides, out_dir, seeds):
@@ -340,7 +352,7 @@ def bench_reasoning(args, overrides):
     check_counts(args, "reasoning")
     overrides = (QUICK if args.quick else []) + overrides
     out_dir = Path(args.out)
-    runs = mode_runs(args.config, overrides, out_dir, args.seeds)
+    runs = mode_runs(args.config, overrides, out_dir, args.seeds, args.modes)
     t0 = time.time()
     train_modes(args, [r for r in runs if not finished(out_dir / r[1], r[2])])
     wall = time.time() - t0
@@ -466,6 +478,8 @@ def main(argv):
                    "their train seconds then overlap: compare modes by train_tokens_per_s, measured alone")
     r.add_argument("--seeds", type=int, default=1, help="each mode with train.seed 0..N-1: metrics as mean ± std "
                    "(with 1, the config's seed, in the folders of a bench without --seeds)")
+    r.add_argument("--modes", default="", help="a comma-separated subset, e.g. 'none,pause M=2,cot noise=0.0' "
+                   "(default: all)")
     s = sub.add_parser("seeds", formatter_class=raw, epilog=keys)
     s.add_argument("config")
     s.add_argument("--seeds", type=int, default=3, help="runs with train.seed = 0..N-1")

@@ -99,3 +99,10 @@ def test_bench_reasoning_seeds_runs_and_table(capsys):
            "ms_per_user_batch1": 1, "users_per_s_batch256": 2}
     bench.print_table([row])
     assert "| none | 0.0800 ± 0.0100 | 0.1000 ± 0.0200 |" in capsys.readouterr().out
+
+
+def test_bench_reasoning_modes_subset():
+    runs = bench.mode_runs("c.yaml", [], "o", modes="none, cot noise=0.0")
+    assert [r[0] for r in runs] == ["none", "cot noise=0.0"] and "model.reasoning=cot" in runs[1][2]
+    with pytest.raises(ValueError, match="unknown mode 'pause'.*pause M=2"):
+        bench.mode_runs("c.yaml", [], "o", modes="pause")
