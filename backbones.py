@@ -364,6 +364,8 @@ def gguf_to_hf(gguf_path, out_dir, dtype=torch.float32) -> str:
     from gguf import GGUFReader
     if hf_folder_complete(out_dir):
         return out_dir
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise FileExistsError(f"{out_dir} exists and is not a complete converted folder; remove it")
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype {dtype} is not one of float32, bfloat16, float16")
     reader = GGUFReader(gguf_path)
