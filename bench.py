@@ -16,12 +16,17 @@
         train and evaluate one setting with train.seed = 0..N-1 (one run folder each, under DIR, default
         runs/seeds_<config stem>; finished runs are reused), then the mean and (sample) std over the seeds of
         every validation and test metric and of the training seconds
+    python bench.py probe RUN_DIR [--items 200] [--seed 0]
+        the paper's limitations 1 and 2 on a pretrained backbone, for the run's model and for the backbone it
+        started from: perplexity of an item's category after its title (world knowledge kept), and how far an
+        item's SID tokens are aligned with its title (embedding cosine gap; in-context top-1 retrieval)
 
 Timings are medians of 3 repetitions after a warm-up; compare figures from the same run only.
 """
 import argparse
 import functools
 import json
+import math
 import random
 import statistics
 import subprocess
@@ -31,6 +36,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 import yaml
 
 import data
@@ -450,6 +456,75 @@ def bench_seeds(args, overrides):
     return result
 
 
+
+# ----------------------------------------------------------------------------------------------
+# The paper's limitations 1 and 2, probed on a pretrained backbone before and after SID training
+
+PROBE_PROMPT = "Product: {title}\nCategory:"   # the LM continues it with " {category}" (item_meta's leaf)
+
+
+@torch.inference_mode()
+def probe(model, tok, text, item_meta, items) -> dict:
+    """Two figures of a pretrained backbone (text: its tokenizer) on the given items, titled ones only.
+
+    verbalization_ppl (limitation 1, world knowledge): perplexity of ' {category}' after PROBE_PROMPT, the
+      softmax over the text vocabulary only (ids < tok.base, so our new rows do not move it).
+    sid_title_cos_gap (limitation 2, SID/text alignment in the embeddings): mean cosine between an item's SID
+      rows (mean of its L input rows) and its title's text rows (mean), minus the same with the next item's
+      title (a derangement of the sample); 0 when SID rows carry nothing of the text.
+    sid_to_title_top1 (limitation 2, in context): the final state after [BOS] sid(i) retrieves the state after
+      ' {title}' of the same item among the sample's titles (cosine, top-1); chance is 1 / items.
+    """
+    model.eval()
+    dev = model.device
+    rows = model.lm_head.weight[: tok.base]                                         # [base, d] text rows
+    prompts = [text.encode(PROBE_PROMPT.format(title=item_meta[i]["title"])) for i in items]
+    targets = [text.encode(" " + item_meta[i]["category"]) for i in items]
+    nll, count = 0.0, 0
+    for p, t in zip(prompts, targets):                     # one item at a time: no padding to reason about
+        ids = torch.tensor([p + t], device=dev)
+        logp = torch.log_softmax(F.linear(model.hidden(ids)[0, len(p) - 1:-1], rows).float(), -1)  # [len(t), base]
+        nll -= float(logp.gather(1, torch.tensor(t, device=dev)[:, None]).sum())
+        count += len(t)
+    titles = [text.encode(" " + item_meta[i]["title"]) for i in items]
+    sid_ids = [[tok.BOS] + tok.sid(i) for i in items]
+    emb = lambda ids: model.embed(torch.tensor([ids], device=dev))[0]              # noqa: E731  [T, d]
+    sid_rows = torch.stack([emb(s[1:]).mean(0) for s in sid_ids])                 # [n, d]
+    title_rows = torch.stack([emb(t).mean(0) for t in titles])
+    match = F.cosine_similarity(sid_rows, title_rows, -1)
+    other = F.cosine_similarity(sid_rows, title_rows.roll(1, 0), -1)
+    last = lambda ids: model.hidden(torch.tensor([ids], device=dev))[0, -1]        # noqa: E731  [d]
+    h_sid = F.normalize(torch.stack([last(s) for s in sid_ids]), dim=-1)
+    h_title = F.normalize(torch.stack([last(t) for t in titles]), dim=-1)
+    top1 = (h_sid @ h_title.T).argmax(1).cpu() == torch.arange(len(items))
+    return {"items": len(items), "verbalization_ppl": math.exp(nll / count),
+            "sid_title_cos_gap": float((match - other).mean()), "sid_to_title_top1": float(top1.float().mean()),
+            "chance_top1": 1 / len(items)}
+
+
+def bench_probe(args, overrides):
+    """Probe a run's model and the pretrained backbone it started from (same tokens, new rows as initialised)."""
+    import backbones
+    cfg, ds, codes, tok, model = evaluate.load_run(args.run_dir, overrides)
+    mcfg = cfg["model"]
+    if mcfg.backbone == "scratch":
+        raise ValueError(f"{args.run_dir} has model.backbone=scratch: the probe needs a pretrained backbone")
+    titled = [i for i, m in enumerate(ds.item_meta) if m.get("title") and m.get("category")]
+    items = sorted(random.Random(args.seed).sample(titled, min(args.items, len(titled))))
+    text = backbones.load_tokenizer(mcfg.hf_dir)
+    torch.manual_seed(0)
+    before = pauserec.make_model(mcfg, tok, pretrained=True)
+    rows = {"pretrained": probe(before, tok, text, ds.item_meta, items),
+            f"trained ({Path(args.run_dir).name})": probe(model, tok, text, ds.item_meta, items)}
+    print("| model | verbalization ppl (lower: more knowledge kept) | SID/title cosine gap | SID -> title top-1 |")
+    print("|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['verbalization_ppl']:.2f} | {r['sid_title_cos_gap']:.4f} | "
+              f"{r['sid_to_title_top1']:.3f} (chance {r['chance_top1']:.3f}) |")
+    out = {"run": str(args.run_dir), "items": len(items), "probe": rows}
+    print(json.dumps(out))
+    return out
+
 class Parser(argparse.ArgumentParser):
     """argparse whose errors are user errors (data.run_cli prints them as one line), not usage + exit."""
 
@@ -480,6 +555,10 @@ def main(argv):
                    "(with 1, the config's seed, in the folders of a bench without --seeds)")
     r.add_argument("--modes", default="", help="a comma-separated subset, e.g. 'none,pause M=2,cot noise=0.0' "
                    "(default: all)")
+    p = sub.add_parser("probe", formatter_class=raw)
+    p.add_argument("run_dir")
+    p.add_argument("--items", type=int, default=200, help="items probed (a fixed sample of the titled ones)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the item sample")
     s = sub.add_parser("seeds", formatter_class=raw, epilog=keys)
     s.add_argument("config")
     s.add_argument("--seeds", type=int, default=3, help="runs with train.seed = 0..N-1")
@@ -493,6 +572,8 @@ def main(argv):
         return bench_beam(args)
     if args.command == "seeds":
         return bench_seeds(args, rest)
+    if args.command == "probe":
+        return bench_probe(args, rest)
     return bench_reasoning(args, rest)
 
 
