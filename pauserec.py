@@ -327,7 +327,8 @@ class GPT(nn.Module):
         # latent reasoning (ReaRec): step k's input is the previous state + reasoning_pos[k] (+ its position's wpe)
         if cfg.reasoning == "latent":
             self.reasoning_pos = nn.Parameter(torch.randn(cfg.latent_steps, cfg.d_model) * 0.02)
-        if cfg.pos == "rope":   # persistent: a checkpoint carries a backbone's (scaled) frequencies
+        if cfg.pos == "rope":   # persistent: a checkpoint carries a backbone's (scaled) frequencies. float32:
+            #   use autocast for bf16, model.to(torch.bfloat16) would round them (angles off at long positions)
             self.register_buffer("inv_freq", rope_frequencies(cfg.head_width, cfg.rope_theta))
         self.new_rows = self.new_head_rows = None   # train_only_new_tokens: set by make_model (the mean row)
         if cfg.train_only_new_tokens:
@@ -364,7 +365,7 @@ class GPT(nn.Module):
         if self.new_rows is None:
             return w[self.head_start:]
         ours = self.new_rows if self.new_head_rows is None else self.new_head_rows
-        return ours if self.head_start else torch.cat([w, ours])
+        return ours if self.head_start else torch.cat([w, ours])   # head full: a copy per call, as big as the head
 
     def logits(self, x):
         """x [.., d] -> logits [.., V - head_start]."""
