@@ -15,9 +15,13 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from test_train import tiny_args  # noqa: E402
+
 import backbones as bb  # noqa: E402
 import bench  # noqa: E402
+import evaluate  # noqa: E402
 import pauserec as pr  # noqa: E402
+import train  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -202,6 +206,18 @@ def test_train_only_new_tokens_untied_llama(tmp_path):
         opt.step()
     after = split.state_dict()
     assert [k for k in before if not torch.equal(before[k], after[k])] == ["new_rows", "new_head_rows"]
+
+
+
+def test_tiny_llama_run_trains_and_evaluate_reproduces(tmp_path):
+    """train.py end to end on a sharded untied Llama (its first block only, head over our tokens, only our rows
+    trained), and evaluate.py rebuilding the model from config.json and model.pt gives the same test metrics."""
+    hf_model(tmp_path / "llama", "llama_untied_sharded")
+    metrics = train.main(tiny_args(tmp_path, "train.epochs=2", "model.backbone=llama",
+                                   f"model.hf_dir={tmp_path / 'llama'}", "model.max_len=96", "model.head=new",
+                                   "model.train_only_new_tokens=true", "model.keep_layers=1",
+                                   "model.reasoning=pause", "train.lr=1e-2"))
+    assert evaluate.main([str(tmp_path / "runs" / "demo")])["ndcg@10"] == metrics["test"]["ndcg@10"]
 
 
 # ----------------------------------------------------------------------------------------------- config.json
