@@ -80,6 +80,10 @@ class TimedModel(torch.nn.Module):
     def device(self):
         return self.model.device
 
+    @property
+    def head_start(self):
+        return self.model.head_start
+
 
 def random_catalogue(n, levels=3, size=256, seed=0):
     """n random SIDs [n, levels (+1 collision level)], like an RQ table of `size`-code codebooks."""

@@ -1,12 +1,16 @@
 """PauseRec: generative recommendation over Semantic IDs (SIDs) with pause tokens.
 
 One file, read top to bottom:
-  1. ModelConfig and the GPT-style decoder (GPT-2 parameter layout, KV cache for beam search)
+  1. ModelConfig and the decoder: GPT-2's parameter names, litgpt-style flags that make its blocks GPT-2's
+     (LayerNorm, GELU, learned positions) or the Llama family's (RMSNorm, SwiGLU, RoPE, grouped-query
+     attention; Qwen2's q/k/v biases, Qwen3's q/k norms); a KV cache for beam search; an output head over
+     all tokens or over ours only
   2. Tokens: the vocabulary layout (specials, one token range per SID level, rationale words)
   3. Example builders for the modes none | pause | cot | latent, loss masks, collate
   4. SIDTrie: a CSR prefix trie over the catalogue's SIDs
   5. Constrained beam search (and exhaustive teacher-forced scoring, its reference)
-  6. GPT-2 backbone: safetensors reader, weight import, byte-level BPE tokenizer (prompts with titles)
+  6. Backbones: a Hugging Face GPT-2, Llama, Qwen2 or Qwen3 folder as the decoder, our tokens' rows appended
+     (reading and renaming the weights, the tokenizer: backbones.py)
 
 A training example in pause mode (pause_layout 'target'):
     [BOS] sid(h1) ... sid(hn) <pause> x M sid(target)      loss on the target's SID tokens only
@@ -34,13 +38,31 @@ import backbones
 # 1. Model
 
 
+BACKBONES = ("hf", "gpt2", "llama", "qwen2", "qwen3")   # pretrained: any of config.json's, or one family
+
+
 @dataclass
 class ModelConfig:
     n_layer: int = 4               # transformer blocks
-    n_head: int = 4                # attention heads (d_model must divide by it)
+    n_head: int = 4                # attention (query) heads
     d_model: int = 128             # width
     dropout: float = 0.1           # dropout on embeddings, attention weights and residual branches
-    max_len: int = 256             # learned positions: longest sequence the model can read
+    max_len: int = 256             # longest sequence the model reads (learned positions: wpe rows)
+    # the block (defaults: GPT-2's; a pretrained backbone takes them from its config.json, litgpt-style)
+    n_kv_head: int = 0             # key/value heads, 0 = n_head; fewer = grouped-query attention (Llama 3, Qwen)
+    head_dim: int = 0              # width of a head, 0 = d_model / n_head (Qwen3-0.6B: 128, d_model 1024, 16 heads)
+    d_ff: int = 0                  # MLP hidden width, 0 = 4 * d_model
+    norm: str = "layernorm"        # layernorm (GPT-2) | rmsnorm (Llama family)
+    norm_eps: float = 1e-5         # epsilon of every norm
+    mlp: str = "gelu"              # gelu: GPT-2's tanh GELU | swiglu: silu(gate) * up (Llama family)
+    pos: str = "learned"           # learned: wpe rows added to the input | rope: q and k rotated (no wpe)
+    rope_theta: float = 10000.0    # rope: base of the rotary frequencies
+    bias: bool = True              # biases on every Linear and LayerNorm (GPT-2)
+    qkv_bias: bool = False         # biases on q, k, v only (Qwen2)
+    qk_norm: bool = False          # RMSNorm over head_dim on q and k before RoPE (Qwen3)
+    tie_head: bool = True          # output head = input embedding rows
+    head: str = "full"             # full: softmax over all tokens | new: over ours only (ids >= tok.base)
+    # the method
     reasoning: str = "none"        # none | pause | cot | latent (none won on Beauty validation: see README)
     num_pauses: int = 2            # M: <pause> tokens before each predicted item (pause mode)
     pause_embeddings: str = "shared"  # shared: one <pause> row | distinct: + a learned row per slot j of the M (pause)
@@ -51,28 +73,43 @@ class ModelConfig:
     rationale_file: str = ""       # cot: JSONL {"key": "<user>:<target>", "rationale": ..} replaces templates
     rationale_noise: float = 0.0   # cot: probability that a rationale is replaced by another item's template
     max_rationale_len: int = 16    # cot: rationale words kept (training) and decoded at most (inference)
-    backbone: str = "scratch"      # scratch | gpt2: pretrained GPT-2 (n_layer, n_head, d_model come from it)
-    hf_dir: str = ""               # gpt2: Hugging Face folder: config.json, model.safetensors or
-                                   #   pytorch_model.bin, vocab.json, merges.txt
-    hf_url: str = ""               # gpt2: base URL the four files are fetched from if hf_dir lacks them
-    prompt: str = "sids"           # sids | sids+titles: each history item as its title (GPT-2 BPE), then its SID
-    max_title_len: int = 24        # sids+titles: BPE tokens kept per title
-    train_only_new_tokens: bool = False  # gpt2: freeze the pretrained weights, train only the new token rows
+    # pretrained backbones
+    backbone: str = "scratch"      # scratch | hf (family from config.json) | gpt2 | llama | qwen2 | qwen3: pretrained
+                                   #   (the sizes and block flags above come from its config.json)
+    hf_dir: str = ""               # pretrained: Hugging Face folder: config.json, model.safetensors (or shards and
+                                   #   model.safetensors.index.json, or pytorch_model.bin), tokenizer files
+    hf_url: str = ""               # gpt2: base URL GPT-2's four files are fetched from if hf_dir lacks them
+    keep_layers: int = 0           # pretrained: load only the first K blocks (0 = all; a cheap CPU setting)
+    prompt: str = "sids"           # sids | sids+titles: each history item as its title (text tokens), then its SID
+    max_title_len: int = 24        # sids+titles: text tokens kept per title
+    train_only_new_tokens: bool = False  # pretrained: freeze its weights, train only our token rows (new_rows)
 
     def __post_init__(self):
         for key in ("n_layer", "n_head", "d_model", "max_len"):
             if getattr(self, key) <= 0:
                 raise ValueError(f"model.{key} must be > 0, got {getattr(self, key)}")
-        if self.d_model % self.n_head:
-            raise ValueError(f"model.d_model ({self.d_model}) must divide by model.n_head ({self.n_head})")
+        for key in ("n_kv_head", "head_dim", "d_ff", "keep_layers", "num_pauses", "max_rationale_len",
+                    "latent_steps", "max_title_len"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"model.{key} must be >= 0, got {getattr(self, key)}")
+        if not self.head_dim and self.d_model % self.n_head:
+            raise ValueError(f"model.d_model ({self.d_model}) must divide by model.n_head ({self.n_head}), "
+                             f"or set model.head_dim")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"model.n_head ({self.n_head}) must divide by model.n_kv_head ({self.n_kv_head})")
+        for key, ok in (("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "swiglu")), ("pos", ("learned", "rope")),
+                        ("head", ("full", "new")), ("reasoning", ("none", "pause", "cot", "latent")),
+                        ("pause_layout", ("target", "every_item")), ("pause_embeddings", ("shared", "distinct")),
+                        ("backbone", ("scratch",) + BACKBONES), ("prompt", ("sids", "sids+titles"))):
+            if getattr(self, key) not in ok:
+                raise ValueError(f"model.{key} must be {' | '.join(ok)}, got {getattr(self, key)!r}")
+        for key in ("norm_eps", "rope_theta"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"model.{key} must be > 0, got {getattr(self, key)}")
+        if self.pos == "rope" and self.head_width % 2:
+            raise ValueError(f"model.pos=rope needs an even head width (model.head_dim), got {self.head_width}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
-        if self.reasoning not in ("none", "pause", "cot", "latent"):
-            raise ValueError(f"model.reasoning must be none | pause | cot | latent, got {self.reasoning!r}")
-        if self.pause_layout not in ("target", "every_item"):
-            raise ValueError(f"model.pause_layout must be target | every_item, got {self.pause_layout!r}")
-        if self.pause_embeddings not in ("shared", "distinct"):
-            raise ValueError(f"model.pause_embeddings must be shared | distinct, got {self.pause_embeddings!r}")
         if self.reasoning == "latent":
             if self.pause_layout != "target":
                 raise ValueError(f"model.reasoning=latent needs model.pause_layout=target (one example per target, "
@@ -81,21 +118,26 @@ class ModelConfig:
                 raise ValueError(f"model.latent_steps must be >= 1 with reasoning=latent, got {self.latent_steps}")
             if self.loss_on_history:
                 raise ValueError("model.loss_on_history is not supported with model.reasoning=latent")
-        for key in ("num_pauses", "max_rationale_len", "latent_steps"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"model.{key} must be >= 0, got {getattr(self, key)}")
         if not 0.0 <= self.rationale_noise <= 1.0:
             raise ValueError(f"model.rationale_noise must be in [0, 1], got {self.rationale_noise}")
-        if self.backbone not in ("scratch", "gpt2"):
-            raise ValueError(f"model.backbone must be scratch | gpt2, got {self.backbone!r}")
-        if self.backbone == "gpt2" and not self.hf_dir:
-            raise ValueError("model.backbone=gpt2 needs model.hf_dir (a Hugging Face GPT-2 folder)")
-        if self.prompt not in ("sids", "sids+titles"):
-            raise ValueError(f"model.prompt must be sids | sids+titles, got {self.prompt!r}")
-        if self.backbone == "scratch" and (self.prompt != "sids" or self.train_only_new_tokens):
-            raise ValueError("model.prompt=sids+titles and model.train_only_new_tokens need model.backbone=gpt2")
-        if self.max_title_len < 0:
-            raise ValueError(f"model.max_title_len must be >= 0, got {self.max_title_len}")
+        if self.backbone != "scratch" and not self.hf_dir:
+            raise ValueError(f"model.backbone={self.backbone} needs model.hf_dir (a Hugging Face model folder)")
+        if self.backbone == "scratch" and (self.prompt != "sids" or self.train_only_new_tokens or self.keep_layers):
+            raise ValueError("model.prompt=sids+titles, model.train_only_new_tokens and model.keep_layers need a "
+                             "pretrained model.backbone")
+
+    # the 0 defaults resolved (kept 0 in the config, so that a backbone's d_model and n_head resolve them)
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def head_width(self) -> int:
+        return self.head_dim or self.d_model // self.n_head
+
+    @property
+    def ff_width(self) -> int:
+        return self.d_ff or 4 * self.d_model
 
 
 class KVCache:
@@ -126,19 +168,58 @@ class KVCache:
             self.pause_run = self.pause_run[rows]
 
 
+def rope_frequencies(head_width: int, theta: float) -> torch.Tensor:
+    """RoPE's default frequencies [head_width / 2]: theta^(-2i / head_width) (a backbone may scale them)."""
+    return 1.0 / theta ** (torch.arange(0, head_width, 2, dtype=torch.float64) / head_width).float()
+
+
+def rope_cos_sin(inv_freq, positions):
+    """cos and sin [N, 1, T, Dh] (float32) of each token's angles positions [N, T] * inv_freq, in Hugging Face's
+    rotate-half layout: frequency i turns the pair of dims (i, i + Dh/2)."""
+    angle = positions[..., None].float() * inv_freq.float()       # [N, T, Dh/2]
+    angle = torch.cat([angle, angle], -1)[:, None]                 # [N, 1, T, Dh]
+    return angle.cos(), angle.sin()
+
+
+def apply_rope(x, cos, sin):
+    """x [N, H, T, Dh] rotated by its tokens' angles: (x_i, x_j) -> (x_i cos - x_j sin, x_j cos + x_i sin),
+    j = i + Dh/2."""
+    x1, x2 = x.chunk(2, -1)
+    return (x * cos + torch.cat([-x2, x1], -1) * sin).to(x.dtype)
+
+
+def make_norm(cfg: ModelConfig, width: int = 0) -> nn.Module:
+    width = width or cfg.d_model
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(width, eps=cfg.norm_eps)
+    return nn.LayerNorm(width, eps=cfg.norm_eps, bias=cfg.bias)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.n_head, self.dropout = cfg.n_head, cfg.dropout
-        self.c_attn = nn.Linear(cfg.d_model, 3 * cfg.d_model)  # fused q, k, v
-        self.c_proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.n_head, self.n_kv_head, self.head_dim, self.dropout = cfg.n_head, cfg.kv_heads, cfg.head_width, cfg.dropout
+        q, kv = cfg.n_head * cfg.head_width, cfg.kv_heads * cfg.head_width
+        self.c_attn = nn.Linear(cfg.d_model, q + 2 * kv, bias=cfg.bias or cfg.qkv_bias)  # fused [q; k; v]
+        self.c_proj = nn.Linear(q, cfg.d_model, bias=cfg.bias)
+        self.q_norm = make_norm(cfg, cfg.head_width) if cfg.qk_norm else None  # Qwen3: over each head's width
+        self.k_norm = make_norm(cfg, cfg.head_width) if cfg.qk_norm else None
         self.attn_dropout = nn.Dropout(cfg.dropout)
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, mask, cache: KVCache | None, layer: int):
-        N, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(N, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # N,H,T,Dh
+    def forward(self, x, mask, cache: KVCache | None, layer: int, rope=None):
+        """x [N, T, d] -> [N, T, d]. rope: (cos, sin) [N, 1, T, Dh] of the tokens' positions (pos=rope), or None."""
+        N, T, _ = x.shape
+        H, Hkv, Dh = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.c_attn(x).split([H * Dh, Hkv * Dh, Hkv * Dh], dim=2)
+        q, k, v = (t.view(N, T, -1, Dh).transpose(1, 2) for t in (q, k, v))   # [N, H (q) or Hkv (k, v), T, Dh]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:   # rotated before the cache stores k: cached keys carry their own positions
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if Hkv < H:   # grouped-query attention: each k/v head serves H / Hkv query heads. Repeated here, so the
+            # cache and attend_cached stay plain multi-head, at H / Hkv times the cache memory strictly needed
+            k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
         if cache is None or len(cache.prefix) <= layer:
             # no past: causal attention (mask None = the is_causal fast path used in training)
             if cache is not None:
@@ -148,7 +229,7 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=p)
         else:
             y = self.attend_cached(q, k, v, cache, layer)
-        y = y.transpose(1, 2).reshape(N, T, C)
+        y = y.transpose(1, 2).reshape(N, T, H * Dh)
         return self.resid_dropout(self.c_proj(y))
 
     def attend_cached(self, q, k, v, cache: KVCache, layer: int):
@@ -182,44 +263,59 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.c_fc = nn.Linear(cfg.d_model, 4 * cfg.d_model)
-        self.c_proj = nn.Linear(4 * cfg.d_model, cfg.d_model)
+        self.swiglu = cfg.mlp == "swiglu"
+        width = cfg.ff_width
+        self.c_fc = nn.Linear(cfg.d_model, 2 * width if self.swiglu else width, bias=cfg.bias)  # swiglu: [gate; up]
+        self.c_proj = nn.Linear(width, cfg.d_model, bias=cfg.bias)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))  # GPT-2's GELU
+        h = self.c_fc(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, -1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")  # GPT-2's GELU
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.d_model)
+        self.ln_1 = make_norm(cfg)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.d_model)
+        self.ln_2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, mask, cache, layer):
-        x = x + self.attn(self.ln_1(x), mask, cache, layer)
+    def forward(self, x, mask, cache, layer, rope=None):
+        x = x + self.attn(self.ln_1(x), mask, cache, layer, rope)
         return x + self.mlp(self.ln_2(x))
 
 
 class GPT(nn.Module):
-    """Decoder-only transformer with GPT-2's parameter names, so GPT-2 weights can be loaded into it."""
+    """Decoder-only transformer with GPT-2's parameter names; the ModelConfig flags make its blocks Llama's,
+    Qwen2's or Qwen3's, so the weights of all four families load into it (backbones.py maps the names).
+
+    With train_only_new_tokens, wte (and an untied lm_head) hold only the pretrained rows [base, d], frozen,
+    and our tokens' rows live apart in new_rows (new_head_rows) [V - base, d]: the optimizer sees only those.
+    """
 
     def __init__(self, cfg: ModelConfig, vocab_size: int, base: int = 0):
         super().__init__()
         self.cfg = cfg
         self.pause_id = base + Tokens.PAUSE   # base: the text vocabulary before our tokens (GPT-2: 50257)
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(vocab_size, cfg.d_model),
-            wpe=nn.Embedding(cfg.max_len, cfg.d_model),
-            drop=nn.Dropout(cfg.dropout),
-            h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
-            ln_f=nn.LayerNorm(cfg.d_model),
-        ))
-        self.lm_head = nn.Linear(cfg.d_model, vocab_size, bias=False)
-        self.lm_head.weight = self.transformer.wte.weight  # tied input/output embeddings (so the <pause> row is
-        #   also the output row of a token never predicted: every supervised softmax pushes it down as well)
+        self.head_start = base if cfg.head == "new" else 0   # logit j is token head_start + j
+        rows = base if cfg.train_only_new_tokens else vocab_size
+        modules = dict(wte=nn.Embedding(rows, cfg.d_model))
+        if cfg.pos == "learned":
+            modules["wpe"] = nn.Embedding(cfg.max_len, cfg.d_model)
+        modules.update(drop=nn.Dropout(cfg.dropout), h=nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)]),
+                       ln_f=make_norm(cfg))
+        self.transformer = nn.ModuleDict(modules)
+        self.lm_head = nn.Linear(cfg.d_model, rows, bias=False)
+        if cfg.tie_head:  # tied input/output embeddings (so the <pause> row is also the output row of a token
+            #   never predicted: every supervised softmax pushes it down as well)
+            self.lm_head.weight = self.transformer.wte.weight
         self.apply(self._init_weights)
         for name, p in self.named_parameters():  # GPT-2: residual projections scaled by depth
             if name.endswith("c_proj.weight"):
@@ -231,6 +327,14 @@ class GPT(nn.Module):
         # latent reasoning (ReaRec): step k's input is the previous state + reasoning_pos[k] (+ its position's wpe)
         if cfg.reasoning == "latent":
             self.reasoning_pos = nn.Parameter(torch.randn(cfg.latent_steps, cfg.d_model) * 0.02)
+        if cfg.pos == "rope":   # persistent: a checkpoint carries a backbone's (scaled) frequencies. float32:
+            #   use autocast for bf16, model.to(torch.bfloat16) would round them (angles off at long positions)
+            self.register_buffer("inv_freq", rope_frequencies(cfg.head_width, cfg.rope_theta))
+        self.new_rows = self.new_head_rows = None   # train_only_new_tokens: set by make_model (the mean row)
+        if cfg.train_only_new_tokens:
+            self.new_rows = nn.Parameter(torch.zeros(vocab_size - base, cfg.d_model))
+            if not cfg.tie_head:
+                self.new_head_rows = nn.Parameter(torch.zeros(vocab_size - base, cfg.d_model))
 
     @staticmethod
     def _init_weights(m):
@@ -246,8 +350,29 @@ class GPT(nn.Module):
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())  # the tied embedding counts once
 
+    def embed(self, ids):
+        """Input rows [N, T, d] of ids [N, T]; with train_only_new_tokens ids >= base read new_rows."""
+        wte = self.transformer.wte
+        if self.new_rows is None:
+            return wte(ids)
+        base = wte.num_embeddings
+        ours = F.embedding((ids - base).clamp(min=0), self.new_rows)
+        return torch.where((ids >= base)[..., None], ours, wte(ids.clamp(max=base - 1)))
+
+    def head_rows(self):
+        """Output rows [V - head_start, d]: all tokens' (head full) or ours only (head new, ids >= base)."""
+        w = self.lm_head.weight                      # [V, d], or [base, d] with train_only_new_tokens
+        if self.new_rows is None:
+            return w[self.head_start:]
+        ours = self.new_rows if self.new_head_rows is None else self.new_head_rows
+        return ours if self.head_start else torch.cat([w, ours])   # head full: a copy per call, as big as the head
+
+    def logits(self, x):
+        """x [.., d] -> logits [.., V - head_start]."""
+        return F.linear(x, self.head_rows())
+
     def forward(self, ids, key_mask=None, positions=None, cache: KVCache | None = None, select=None):
-        """ids [N, T] -> logits.
+        """ids [N, T] -> logits (over the head's tokens: index j is token head_start + j).
 
         key_mask [N, T] bool, True = real token: None means all real (right-padded training batches need
           none: causal attention never lets a real token see the pads after it). With left-padded
@@ -263,12 +388,13 @@ class GPT(nn.Module):
             x = x[:, -1]
         elif select is not None:
             x = x[select]  # [n_true, d]
-        return self.lm_head(x)
+        return self.logits(x)
 
     def hidden(self, ids=None, key_mask=None, positions=None, cache: KVCache | None = None, embeds=None):
-        """The final-LayerNorm states [N, T, d] of ids [N, T], or of input embeddings `embeds` [N, T, d] given
-        in place of token rows (latent steps; positions are added as for tokens). Arguments as in forward."""
-        x = self.transformer.wte(ids) if embeds is None else embeds
+        """The final-norm states [N, T, d] of ids [N, T], or of input embeddings `embeds` [N, T, d] given in
+        place of token rows (latent steps; positions are added or rotated in as for tokens). Arguments as in
+        forward."""
+        x = self.embed(ids) if embeds is None else embeds
         N, T = x.shape[:2]
         dev = x.device
         past = cache is not None and len(cache.prefix) > 0
@@ -295,9 +421,14 @@ class GPT(nn.Module):
                 cache.prefix_bias = torch.zeros(real.shape, device=dev).masked_fill(~real, float("-inf"))
                 cache.prefix_bias = cache.prefix_bias[:, None, None, :]
                 cache.own_mask = real[:, :0]
-        x = self.transformer.drop(x + self.transformer.wpe(positions))
+        rope = None
+        if self.cfg.pos == "rope":
+            rope = rope_cos_sin(self.inv_freq, positions)
+        else:
+            x = x + self.transformer.wpe(positions)
+        x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
-            x = block(x, mask, cache, layer)
+            x = block(x, mask, cache, layer, rope)
         return self.transformer.ln_f(x)
 
     def pause_slot_rows(self, ids, past: KVCache | None, cache: KVCache | None):
@@ -328,8 +459,8 @@ class GPT(nn.Module):
         if self.cfg.reasoning == "latent":
             return self.latent_loss(ids, loss_mask)
         sel = loss_mask[:, 1:]                        # position i predicts ids[:, i + 1]
-        logits = self(ids[:, :-1], select=sel)        # [n_supervised, V]
-        return F.cross_entropy(logits.float(), ids[:, 1:][sel])
+        logits = self(ids[:, :-1], select=sel)        # [n_supervised, V - head_start]
+        return F.cross_entropy(logits.float(), ids[:, 1:][sel] - self.head_start)
 
     def latent_loss(self, ids, loss_mask):
         """Latent mode: cross-entropy on the target's L SID tokens, the first predicted from the last latent
@@ -349,16 +480,16 @@ class GPT(nn.Module):
         h = self.hidden(ids[:, :Th], key_mask=history, cache=cache)[torch.arange(N, device=ids.device), hlen - 1]
         h = self.reason(h, cache)                                                     # [N, d]
         target = ids.gather(1, start[:, None] + torch.arange(L, device=ids.device))  # [N, L]
-        logits = [self.lm_head(h)[:, None]]
+        logits = [self.logits(h)[:, None]]
         if L > 1:
-            logits.append(self(target[:, :-1], cache=cache))                          # [N, L-1, V]
-        return F.cross_entropy(torch.cat(logits, 1).flatten(0, 1).float(), target.flatten())
+            logits.append(self(target[:, :-1], cache=cache))                          # [N, L-1, V']
+        return F.cross_entropy(torch.cat(logits, 1).flatten(0, 1).float(), target.flatten() - self.head_start)
 
 
-def loss(logits, ids, loss_mask):
-    """Same loss from full logits [B, T, V] (reference for GPT.loss)."""
+def loss(logits, ids, loss_mask, head_start: int = 0):
+    """Same loss from logits [B, T, V'] at every position (reference for GPT.loss; head_start: model.head_start)."""
     sel = loss_mask[:, 1:]
-    return F.cross_entropy(logits[:, :-1][sel].float(), ids[:, 1:][sel])
+    return F.cross_entropy(logits[:, :-1][sel].float(), ids[:, 1:][sel] - head_start)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -703,19 +834,20 @@ class SIDTrie:
 def _decode_rationale(model: GPT, tok: Tokens, cfg: ModelConfig, cache: KVCache, logits):
     """cot: greedy rationale after <think>, batched; </think> forced after max_rationale_len words.
 
-    logits [B, V] at <think>. Rows that have finished feed masked padding (not attended, no position
-    used), so every row ends as if decoded alone. Returns the logits [B, V] right after each row's
-    </think>, and the rationales (list of token lists).
+    logits [B, V'] at <think> (index j: token model.head_start + j). Rows that have finished feed masked
+    padding (not attended, no position used), so every row ends as if decoded alone. Returns the logits
+    [B, V'] right after each row's </think>, and the rationales (list of token lists).
     """
     B, V = logits.shape
+    hs = model.head_start
     allowed = torch.zeros(V, dtype=torch.bool, device=logits.device)
-    allowed[tok.word_start:] = True
-    allowed[tok.END_THINK] = True
+    allowed[tok.word_start - hs:] = True
+    allowed[tok.END_THINK - hs] = True
     done = torch.zeros(B, dtype=torch.bool, device=logits.device)
     sid_logits = torch.empty_like(logits)
     steps = []
     for step in range(cfg.max_rationale_len + 1):
-        nxt = logits.masked_fill(~allowed, float("-inf")).argmax(-1)
+        nxt = logits.masked_fill(~allowed, float("-inf")).argmax(-1) + hs
         if step == cfg.max_rationale_len:
             nxt.fill_(tok.END_THINK)
         nxt = torch.where(done, tok.PAD, nxt)
@@ -732,14 +864,14 @@ def _decode_rationale(model: GPT, tok: Tokens, cfg: ModelConfig, cache: KVCache,
 
 
 def latent_prefill(model: GPT, cfg: ModelConfig, prompts: list[list[int]], cache: KVCache, pad: int):
-    """latent: logits [B, V] after the K latent steps, cache filled. Each prompt's last K tokens are its latent
+    """latent: logits [B, V'] after the K latent steps, cache filled. Each prompt's last K tokens are its latent
     slots: the rest ([BOS] history, left-padded) is read in one pass, then the K steps one read each."""
     K = cfg.latent_steps
     if min(len(p) for p in prompts) <= K:
         raise ValueError(f"latent_prefill: prompts must hold [BOS] history and {K} latent slots (build_prompt)")
     ids, key_mask = left_pad([p[:-K] for p in prompts], model.device, pad)
     h = model.hidden(ids, key_mask=key_mask, cache=cache)[:, -1]
-    return model.lm_head(model.reason(h, cache))
+    return model.logits(model.reason(h, cache))
 
 
 @torch.inference_mode()
@@ -749,8 +881,9 @@ def beam_search(model: GPT, tok: Tokens, cfg: ModelConfig, trie: SIDTrie, prompt
 
     -> items LongTensor [B, topk] (item indices, -1 where fewer than topk beams exist),
        scores FloatTensor [B, topk] (summed SID log-probs, descending; -inf for the -1 items).
-    Log-probs are normalised over the FULL vocabulary and the trie only restricts which tokens are
-    selected, so a beam's score is exactly the teacher-forced log-prob of its SID (see score_items).
+    Log-probs are normalised over the head's whole vocabulary (all tokens, or ours with model.head=new) and
+    the trie only restricts which tokens are selected, so a beam's score is exactly the teacher-forced
+    log-prob of its SID (see score_items).
     In cot mode the rationale is decoded greedily first; scores are conditioned on it (its tokens are
     returned third with return_rationales=True). In latent mode the prompts' last K tokens are the latent
     steps (latent_prefill). Runs on the model's device (`device` only checks it).
@@ -769,10 +902,10 @@ def beam_search(model: GPT, tok: Tokens, cfg: ModelConfig, trie: SIDTrie, prompt
     B, L = len(prompts), trie.num_levels
     cache = KVCache()
     if cfg.reasoning == "latent":
-        logits = latent_prefill(model, cfg, prompts, cache, tok.PAD)           # [B, V]: prefill + K steps
+        logits = latent_prefill(model, cfg, prompts, cache, tok.PAD)           # [B, V']: prefill + K steps
     else:
         ids, key_mask = left_pad(prompts, dev, tok.PAD)
-        logits = model(ids, key_mask=key_mask, cache=cache, select="last")      # [B, V]: one parallel prefill
+        logits = model(ids, key_mask=key_mask, cache=cache, select="last")      # [B, V']: one parallel prefill
     rationales = None
     if cfg.reasoning == "cot":
         logits, rationales = _decode_rationale(model, tok, cfg, cache, logits)
@@ -781,14 +914,14 @@ def beam_search(model: GPT, tok: Tokens, cfg: ModelConfig, trie: SIDTrie, prompt
     alive = torch.ones(B, 1, dtype=torch.bool, device=dev)
     for d in range(L):
         G = prefix.shape[1]
-        logp = torch.log_softmax(logits.float(), -1).view(B, G, -1)             # [B, G, V]
+        logp = torch.log_softmax(logits.float(), -1).view(B, G, -1)             # [B, G, V'], V' = V - head_start
         start, end = trie.child_start[d][prefix], trie.child_start[d][prefix + 1]  # [B, G]
         j = torch.arange(trie.max_children[d], device=dev)                     # [C]
         entry = start[..., None] + j                                           # [B, G, C] CSR entries
         valid = (j < (end - start)[..., None]) & alive[..., None]
         entry = entry.clamp(max=len(trie.child_code[d]) - 1)                   # keep padding entries in range
         token = tok.offsets[d] + trie.child_code[d][entry]                     # [B, G, C]
-        cand = (score[..., None] + logp.gather(2, token)).masked_fill(~valid, float("-inf"))
+        cand = (score[..., None] + logp.gather(2, token - model.head_start)).masked_fill(~valid, float("-inf"))
         C = cand.shape[2]
         score, flat = cand.view(B, G * C).topk(min(beam_size, G * C), dim=1)   # [B, K], sorted
         alive = score > float("-inf")
@@ -819,7 +952,7 @@ def score_items(model: GPT, tok: Tokens, cfg: ModelConfig, prompt: list[int], it
     model.eval()
     Tp, out = len(prompt), []
     prompt_ids = torch.tensor([prompt], device=model.device)
-    emb = model.transformer.wte(prompt_ids)                                    # [1, Tp, d]
+    emb = model.embed(prompt_ids)                                              # [1, Tp, d]
     if cfg.reasoning == "latent":
         for k in range(cfg.latent_steps):
             at = Tp - cfg.latent_steps + k                                     # step k's slot
@@ -828,12 +961,13 @@ def score_items(model: GPT, tok: Tokens, cfg: ModelConfig, prompt: list[int], it
     for i in range(0, len(item_ids), chunk):
         sids = torch.tensor([tok.sid(int(x)) for x in item_ids[i: i + chunk]], device=model.device)
         if cfg.reasoning == "latent":
-            embeds = torch.cat([emb.expand(len(sids), -1, -1), model.transformer.wte(sids[:, :-1])], 1)
-            logits = model.lm_head(model.hidden(embeds=embeds)[:, Tp - 1:])    # [n, L, V]
+            embeds = torch.cat([emb.expand(len(sids), -1, -1), model.embed(sids[:, :-1])], 1)
+            logits = model.logits(model.hidden(embeds=embeds)[:, Tp - 1:])     # [n, L, V']
         else:
             seq = torch.cat([prompt_ids.expand(len(sids), Tp), sids], 1)
-            logits = model(seq[:, :-1])[:, Tp - 1:]                            # [n, L, V]
-        out.append(torch.log_softmax(logits.float(), -1).gather(2, sids[..., None]).sum((1, 2)))
+            logits = model(seq[:, :-1])[:, Tp - 1:]                            # [n, L, V']
+        logp = torch.log_softmax(logits.float(), -1)
+        out.append(logp.gather(2, sids[..., None] - model.head_start).sum((1, 2)))
     model.train(was_training)
     return torch.cat(out)
 
@@ -842,52 +976,79 @@ def score_items(model: GPT, tok: Tokens, cfg: ModelConfig, prompt: list[int], it
 # 6. Backbones: the decoder and tokens for model.backbone (weights and tokenizers: backbones.py)
 
 
+def backbone_config(cfg: ModelConfig, tok: Tokens) -> ModelConfig:
+    """cfg with the architecture of cfg.hf_dir's config.json: sizes and block flags (backbones.hf_config), the
+    depth cut to model.keep_layers; checked against cfg.backbone, model.max_len and the tokens' text vocabulary."""
+    hf = backbones.hf_config(cfg.hf_dir)
+    family, vocab, max_positions = hf.pop("family"), hf.pop("vocab_size"), hf.pop("max_positions")
+    where = f"{cfg.hf_dir}/config.json"
+    if cfg.backbone not in ("hf", family):
+        raise ValueError(f"model.backbone={cfg.backbone} but {where} holds a {family} model (model_type)")
+    if cfg.max_len > max_positions:
+        raise ValueError(f"model.max_len={cfg.max_len} exceeds the {max_positions} positions of {where}")
+    if tok.base != vocab:
+        raise ValueError(f"Tokens were built for a text vocabulary of {tok.base}, {where} has vocab_size {vocab}")
+    if cfg.keep_layers > hf["n_layer"]:
+        raise ValueError(f"model.keep_layers={cfg.keep_layers} exceeds the {hf['n_layer']} blocks of {where}")
+    return dataclasses.replace(cfg, **dict(hf, n_layer=cfg.keep_layers or hf["n_layer"]))
+
+
+def load_pretrained(model: GPT, tok: Tokens, hf_dir: str):
+    """The checkpoint's weights into model. Our tokens' rows (ids tok.base..) come after the text rows of the
+    embedding (and of an untied head), each the mean pretrained row; learned positions are cut to max_len."""
+    cfg = model.cfg
+    sd = backbones.hf_state_dict(backbones.read_checkpoint(hf_dir), backbones.read_config(hf_dir), cfg.n_layer)
+    for name, apart in (("transformer.wte.weight", "new_rows"), ("lm_head.weight", "new_head_rows")):
+        if name not in sd:   # a tied head
+            continue
+        w = sd[name]
+        if w.shape[0] != tok.base:
+            raise ValueError(f"{hf_dir}: {name} has {w.shape[0]} rows, config.json's vocab_size is {tok.base}")
+        ours = w.mean(0).expand(tok.size - tok.base, -1)
+        if cfg.train_only_new_tokens:
+            sd[apart] = ours.clone()
+        else:
+            sd[name] = torch.cat([w, ours])
+    if cfg.tie_head:
+        sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    if cfg.pos == "learned":
+        sd["transformer.wpe.weight"] = sd["transformer.wpe.weight"][: cfg.max_len]
+    own = ("pause_slots", "reasoning_pos", "inv_freq")    # ours, not the checkpoint's: kept as initialised
+    sd.update({k: v for k, v in model.state_dict().items() if k in own})
+    model.load_state_dict(sd)
+
+
 def make_model(cfg: ModelConfig, tok: Tokens, pretrained: bool = True) -> GPT:
-    """The decoder for cfg.backbone. gpt2: sizes from config.json (n_layer, n_head, d_model replace the
-    config's), positions cut to model.max_len, and with `pretrained` the weights loaded; our tokens'
-    rows (ids tok.base..) are appended to GPT-2's embedding, each initialised to the mean pretrained row.
-    """
+    """The decoder for cfg.backbone. Pretrained: the architecture of config.json (n_layer, n_head, d_model and
+    the block flags replace the config's: backbone_config), RoPE's frequencies as the checkpoint scales them,
+    and with `pretrained` its weights (load_pretrained). train_only_new_tokens: only our rows train (new_rows,
+    new_head_rows), with the pause slots and the latent step embeddings."""
     if cfg.backbone == "scratch":
         return GPT(cfg, tok.size, tok.base)
-    hf = backbones.gpt2_config(cfg.hf_dir)
-    if cfg.max_len > hf["n_positions"]:
-        raise ValueError(f"model.max_len={cfg.max_len} exceeds GPT-2's n_positions={hf['n_positions']}")
-    if tok.base != hf["vocab_size"]:
-        raise ValueError(f"Tokens were built for a text vocabulary of {tok.base}, GPT-2 has {hf['vocab_size']}")
-    model = GPT(dataclasses.replace(cfg, n_layer=hf["n_layer"], n_head=hf["n_head"], d_model=hf["n_embd"]),
-                tok.size, tok.base)
-    for m in model.modules():
-        if isinstance(m, nn.LayerNorm):
-            m.eps = hf.get("layer_norm_epsilon", 1e-5)
+    cfg = backbone_config(cfg, tok)
+    model = GPT(cfg, tok.size, tok.base)
+    if cfg.pos == "rope":
+        model.inv_freq.copy_(backbones.rope_inv_freq(backbones.read_config(cfg.hf_dir)))
     if pretrained:
-        sd, _ = backbones.load_gpt2(cfg.hf_dir)
-        wte = sd["transformer.wte.weight"]
-        if wte.shape[0] != tok.base:
-            raise ValueError(f"{cfg.hf_dir}: wte has {wte.shape[0]} rows, config.json says {tok.base}")
-        sd["transformer.wte.weight"] = torch.cat([wte, wte.mean(0).expand(tok.size - tok.base, -1)])
-        sd["lm_head.weight"] = sd["transformer.wte.weight"]
-        sd["transformer.wpe.weight"] = sd["transformer.wpe.weight"][: cfg.max_len]
-        own = ("pause_slots", "reasoning_pos")    # ours, not GPT-2's: kept as initialised
-        sd.update({k: v for k, v in model.state_dict().items() if k in own})
-        model.load_state_dict(sd)
-    if cfg.train_only_new_tokens:   # the new token rows, the pause slots and the latent step embeddings train
+        load_pretrained(model, tok, cfg.hf_dir)
+    if cfg.train_only_new_tokens:
         for name, p in model.named_parameters():
-            p.requires_grad_(name in ("transformer.wte.weight", "pause_slots", "reasoning_pos"))
-        base = tok.base  # wte is one tensor (tied with lm_head): zero the gradient of the pretrained rows
-        model.transformer.wte.weight.register_hook(lambda g: torch.cat([torch.zeros_like(g[:base]), g[base:]]))
+            p.requires_grad_(name in ("new_rows", "new_head_rows", "pause_slots", "reasoning_pos"))
     return model
 
 
 def make_tokens(cfg: ModelConfig, codes, words=(), item_meta=None) -> Tokens:
-    """Tokens for cfg.backbone: from scratch ours only; gpt2 ours after GPT-2's text vocabulary, and with
-    prompt sids+titles every item's title as BPE tokens (' ' + title, at most max_title_len)."""
+    """Tokens for cfg.backbone: from scratch ours only; pretrained ours after its text vocabulary (config.json's
+    vocab_size, padding rows included), and with prompt sids+titles every item's title as text tokens
+    (' ' + title, at most max_title_len)."""
     if cfg.backbone == "scratch":
         return Tokens.from_codes(codes, words)
-    tok = Tokens.from_codes(codes, words, base=backbones.gpt2_config(cfg.hf_dir)["vocab_size"])
+    tok = Tokens.from_codes(codes, words, base=backbones.hf_config(cfg.hf_dir)["vocab_size"])
     if cfg.prompt == "sids+titles":
-        bpe = backbones.BPETokenizer(cfg.hf_dir)
-        if len(bpe.encoder) > tok.base:
-            raise ValueError(f"vocab.json has {len(bpe.encoder)} tokens, more than GPT-2's vocab_size {tok.base}")
-        tok.item_titles = [bpe.encode(" " + m["title"])[: cfg.max_title_len] if m.get("title") else []
+        text = backbones.BPETokenizer(cfg.hf_dir)   # the titles' tokenizer
+        if len(text.encoder) > tok.base:
+            raise ValueError(f"the tokenizer has {len(text.encoder)} tokens, more than config.json's "
+                             f"vocab_size {tok.base}")
+        tok.item_titles = [text.encode(" " + m["title"])[: cfg.max_title_len] if m.get("title") else []
                            for m in item_meta]
     return tok

@@ -183,8 +183,8 @@ def test_safetensors_reader_matches_the_library(tmp_path):
                                                 ("transformer.", "bin", True)])
 def test_load_gpt2_maps_names_and_transposes_conv1d(tmp_path, prefix, fmt, buffers):
     folder = write_checkpoint(tmp_path / "ckpt", prefix=prefix, fmt=fmt, buffers=buffers)
-    sd, hf = bb.load_gpt2(folder)
-    assert hf["n_layer"] == 2
+    sd, hf = bb.hf_state_dict(bb.read_checkpoint(folder), bb.read_config(folder)), bb.hf_config(folder)
+    assert (hf["family"], hf["n_layer"], hf["pos"], hf["tie_head"]) == ("gpt2", 2, "learned", True)
     cfg, tok, _, _ = gpt2_setup(folder)
     model = pr.make_model(cfg, tok)
     ours = model.state_dict()
@@ -200,23 +200,25 @@ def test_load_gpt2_maps_names_and_transposes_conv1d(tmp_path, prefix, fmt, buffe
 
 def test_config_checks(tmp_path):
     with pytest.raises(ValueError, match="model.backbone"):
-        pr.ModelConfig(backbone="llama")
+        pr.ModelConfig(backbone="bert")
     with pytest.raises(ValueError, match="hf_dir"):
         pr.ModelConfig(backbone="gpt2")
     with pytest.raises(ValueError, match="model.prompt"):
         pr.ModelConfig(prompt="titles")
-    with pytest.raises(ValueError, match="need model.backbone=gpt2"):
+    with pytest.raises(ValueError, match="need a pretrained model.backbone"):
         pr.ModelConfig(prompt="sids+titles")
     folder = write_checkpoint(tmp_path / "ckpt")
     cfg, tok, _, _ = gpt2_setup(folder)
-    with pytest.raises(ValueError, match="n_positions"):
+    with pytest.raises(ValueError, match="max_len=65 exceeds the 64 positions"):
         pr.make_model(pr.ModelConfig(backbone="gpt2", hf_dir=str(folder), max_len=65), tok)
+    with pytest.raises(ValueError, match="model.backbone=llama but .* holds a gpt2 model"):
+        pr.make_model(pr.ModelConfig(backbone="llama", hf_dir=str(folder), max_len=64), tok)
     conf = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps(dict(conf, activation_function="relu")))
     with pytest.raises(ValueError, match="activation_function"):
         pr.make_model(cfg, tok)
     with pytest.raises(FileNotFoundError, match="config.json"):
-        bb.gpt2_config(tmp_path / "nowhere")
+        bb.hf_config(tmp_path / "nowhere")
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
@@ -349,7 +351,8 @@ def test_train_only_new_tokens_freezes_pretrained_weights(tmp_path):
     cfg, tok, _, _ = gpt2_setup(folder, prompt="sids+titles", train_only_new_tokens=True)
     model = pr.make_model(cfg, tok)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["transformer.wte.weight"]
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["new_rows"]   # our rows, apart
+    assert model.transformer.wte.weight.shape[0] == tok.base and model.new_rows.shape[0] == tok.size - tok.base
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
     batch = pr.collate([pr.build_example(tok, cfg, [0, 1], 3), pr.build_example(tok, cfg, [2], 4)], tok.PAD)
     for _ in range(3):
@@ -358,11 +361,9 @@ def test_train_only_new_tokens_freezes_pretrained_weights(tmp_path):
         opt.step()
     after = model.state_dict()
     for k, v in before.items():
-        if k not in ("transformer.wte.weight", "lm_head.weight"):
-            assert torch.equal(v, after[k]), k
-    wte0, wte1 = before["transformer.wte.weight"], after["transformer.wte.weight"]
-    assert torch.equal(wte0[: tok.base], wte1[: tok.base])                 # GPT-2's rows stay
-    assert not torch.equal(wte0[tok.base:], wte1[tok.base:])               # ours learn
+        if k != "new_rows":
+            assert torch.equal(v, after[k]), k                             # GPT-2's weights and rows stay
+    assert not torch.equal(before["new_rows"], after["new_rows"])          # ours learn
 
 
 # ----------------------------------------------------------------------------------------------- fetch
@@ -483,10 +484,10 @@ def test_gpt2_backbone_latent_and_distinct_pauses(tmp_path):
                                         pause_layout="target", num_pauses=2, **kw)
         model = pr.make_model(cfg, tok)
         own = "reasoning_pos" if cfg.reasoning == "latent" else "pause_slots"
-        assert {n for n, p in model.named_parameters() if p.requires_grad} == {"transformer.wte.weight", own}
+        assert {n for n, p in model.named_parameters() if p.requires_grad} == {"new_rows", own}
         with torch.no_grad():   # our rows all start as GPT-2's mean row: make the items' scores differ
             getattr(model, own).normal_(0, 0.5)
-            model.transformer.wte.weight[tok.base:] += 0.5 * torch.randn(tok.size - tok.base, model.cfg.d_model)
+            model.new_rows += 0.5 * torch.randn(tok.size - tok.base, model.cfg.d_model)
         prompts = [pr.build_prompt(tok, cfg, h) for h in ([0, 1], [3], [2, 4, 1])]
         items, scores = pr.beam_search(model, tok, cfg, pr.SIDTrie(codes), prompts, beam_size=5, topk=5)
         for b, p in enumerate(prompts):

@@ -36,6 +36,13 @@ def setup(seed=0, reasoning="pause", M=2, layout="target", n=30, sizes=(3, 4, 5)
     return cfg, tok, model, pr.SIDTrie(codes), codes
 
 
+# a scratch Llama-style decoder: RMSNorm, SwiGLU, RoPE, one k/v head for two query heads, head_dim 8 != 32 / 2,
+# Qwen2's q/k/v biases, Qwen3's q/k norms, an untied head
+LLAMA_STYLE = dict(norm="rmsnorm", mlp="swiglu", pos="rope", n_kv_head=1, head_dim=8, d_ff=48, bias=False,
+                   qkv_bias=True, qk_norm=True, tie_head=False)
+ARCHS = pytest.mark.parametrize("arch", [{}, LLAMA_STYLE], ids=["gpt2-style", "llama-style"])
+
+
 def histories(seed, n_items, lengths=(3, 1, 5)):
     r = random.Random(seed)
     return [[r.randrange(n_items) for _ in range(k)] for k in lengths]
@@ -98,8 +105,9 @@ def test_trie_edge_cases_and_speed():
 # ---------------------------------------------------------------------------------------------- model
 
 
-def test_kv_cache_matches_recompute():
-    cfg, tok, model, _, _ = setup(1)
+@ARCHS
+def test_kv_cache_matches_recompute(arch):
+    cfg, tok, model, _, _ = setup(1, **arch)
     model.eval()
     ids = torch.randint(0, tok.size, (3, 12))
     full = torch.log_softmax(model(ids), -1)                     # [3, 12, V]
@@ -111,8 +119,9 @@ def test_kv_cache_matches_recompute():
     assert not torch.allclose(full[:, 5], full[:, 6], atol=1e-3)  # the check is not vacuous
 
 
-def test_left_padding_does_not_change_logits():
-    cfg, tok, model, _, _ = setup(2)
+@ARCHS
+def test_left_padding_does_not_change_logits(arch):
+    cfg, tok, model, _, _ = setup(2, **arch)
     model.eval()
     prompts = [[1, 7, 8, 9, 10, 3, 3], [1, 11, 3, 3], [1, 3]]
     ids, mask = pr.left_pad(prompts)
@@ -147,6 +156,20 @@ def test_gpt2_parameter_layout():
     assert m.transformer.h[0].attn.c_attn.weight.shape == (96, 32)
 
 
+def test_llama_style_parameter_layout():
+    m = pr.GPT(pr.ModelConfig(n_layer=2, n_head=2, d_model=32, **LLAMA_STYLE), 50)
+    shapes = {n: tuple(t.shape) for n, t in m.state_dict().items()}
+    assert {n: s for n, s in shapes.items() if n.startswith("transformer.h.0.")} == {
+        "transformer.h.0.ln_1.weight": (32,), "transformer.h.0.ln_2.weight": (32,),
+        "transformer.h.0.attn.c_attn.weight": ((2 + 2 * 1) * 8, 32), "transformer.h.0.attn.c_attn.bias": (32,),
+        "transformer.h.0.attn.c_proj.weight": (32, 2 * 8), "transformer.h.0.attn.q_norm.weight": (8,),
+        "transformer.h.0.attn.k_norm.weight": (8,), "transformer.h.0.mlp.c_fc.weight": (2 * 48, 32),
+        "transformer.h.0.mlp.c_proj.weight": (32, 48)}
+    assert "transformer.wpe.weight" not in shapes and shapes["inv_freq"] == (4,)   # RoPE: no learned positions
+    assert m.lm_head.weight is not m.transformer.wte.weight
+    assert torch.allclose(m.inv_freq, 10000.0 ** -(torch.arange(0, 8, 2) / 8))
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="model.reasoning"):
         pr.ModelConfig(reasoning="think")
@@ -154,6 +177,15 @@ def test_config_validation():
         pr.ModelConfig(d_model=30, n_head=4)
     with pytest.raises(ValueError, match="model.n_layer"):
         pr.ModelConfig(n_layer=0)
+    for kw, match in ((dict(norm="batchnorm"), "model.norm must be layernorm"), (dict(mlp="relu"), "model.mlp"),
+                      (dict(pos="alibi"), "model.pos"), (dict(head="ours"), "model.head"),
+                      (dict(n_kv_head=3), r"model.n_head \(4\) must divide by model.n_kv_head \(3\)"),
+                      (dict(pos="rope", head_dim=7), "even head width"), (dict(d_ff=-1), "model.d_ff"),
+                      (dict(norm_eps=0.0), "model.norm_eps"),
+                      (dict(keep_layers=1), "need a pretrained model.backbone")):
+        with pytest.raises(ValueError, match=match):
+            pr.ModelConfig(**kw)
+    pr.ModelConfig(d_model=30, n_head=4, head_dim=8)   # head_dim set: d_model need not divide
 
 
 # ---------------------------------------------------------------------------------------------- examples
@@ -244,6 +276,28 @@ def test_full_beam_equals_exhaustive_ranking(reasoning, M, layout, seed):
     for b, p in enumerate(prompts):
         ref = pr.score_items(model, tok, cfg, p, list(range(N)))
         ref_scores, ref_items = ref.sort(descending=True)
+        assert items[b].tolist() == ref_items.tolist()
+        assert torch.allclose(scores[b], ref_scores, atol=1e-5)
+
+
+
+@pytest.mark.parametrize("mode", [dict(reasoning="pause", M=2, layout="every_item", pause_embeddings="distinct"),
+                                  dict(reasoning="latent", latent_steps=2), dict(reasoning="cot", M=0)])
+def test_llama_style_full_beam_equals_exhaustive(mode):
+    """RoPE rotates keys before the cache stores them, so the cached beam search (left padding, the shared prompt
+    cache, beams reordered) still equals teacher-forced scoring without a cache."""
+    words = [f"w{i}" for i in range(4)]
+    cfg, tok, model, trie, codes = setup(3, n=40, sizes=(3, 4, 4, 2), words=words, max_rationale_len=3,
+                                         **mode, **LLAMA_STYLE)
+    if model.pause_slots is not None:
+        torch.nn.init.normal_(model.pause_slots, 0, 0.5)
+    N = len(codes)
+    prompts = [pr.build_prompt(tok, cfg, h) for h in histories(3, N)]
+    items, scores, rats = pr.beam_search(model, tok, cfg, trie, prompts, N, N, return_rationales=True)
+    for b, p in enumerate(prompts):
+        if cfg.reasoning == "cot":
+            p = p + rats[b] + [tok.END_THINK]
+        ref_scores, ref_items = pr.score_items(model, tok, cfg, p, list(range(N))).sort(descending=True)
         assert items[b].tolist() == ref_items.tolist()
         assert torch.allclose(scores[b], ref_scores, atol=1e-5)
 
