@@ -125,22 +125,22 @@ HF_WEIGHTS = (("model.safetensors",), ("model.safetensors.index.json",), ("pytor
 
 def fetch_hf(mcfg):
     """Fetch the files that model.hf_dir lacks from model.hf_url (e.g. a Hugging Face hub repository):
-    config.json, then the first tokenizer form and weights form the server has (a sharded checkpoint's
-    index, then the shards it names)."""
+    config.json, then the first weights form the server has (a sharded checkpoint's index, then the shards
+    it names) and, for titled prompts, the first tokenizer form."""
     folder = Path(mcfg.hf_dir)
 
     def have(names):
         return all((folder / n).is_file() for n in names)
 
-    missing = [f for f, ok in (("config.json", have(["config.json"])),
-                               ("a tokenizer", any(map(have, HF_TOKENIZERS))),
-                               ("weights", any(map(have, HF_WEIGHTS)))) if not ok]
+    needs = {"weights": HF_WEIGHTS} | ({"a tokenizer": HF_TOKENIZERS} if mcfg.prompt != "sids" else {})
+    missing = [what for what, forms in needs.items() if not any(map(have, forms))]
+    missing = (["config.json"] if not have(["config.json"]) else []) + missing
     if missing and not mcfg.hf_url:
         raise FileNotFoundError(f"model.hf_dir={folder} lacks {', '.join(missing)}: put a Hugging Face model "
                                 f"folder there, or set model.hf_url to fetch it")
     if not have(["config.json"]):
         fetch_one(mcfg, "config.json")
-    for forms in (HF_TOKENIZERS, HF_WEIGHTS):
+    for forms in needs.values():
         if not any(map(have, forms)):
             fetch_first(mcfg, forms)
     index = folder / "model.safetensors.index.json"

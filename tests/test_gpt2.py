@@ -382,7 +382,8 @@ def test_fetch_hf_folder_from_local_http_server(tmp_path):
     server = serve(src)
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}"
-        cfg = pr.ModelConfig(backbone="gpt2", hf_dir=str(tmp_path / "local"), hf_url=url + "/")
+        cfg = pr.ModelConfig(backbone="gpt2", hf_dir=str(tmp_path / "local"), hf_url=url + "/",
+                             prompt="sids+titles")
         train.fetch_hf(cfg)
         for name in ("config.json", "vocab.json", "merges.txt", "model.safetensors"):
             assert (tmp_path / "local" / name).read_bytes() == (src / name).read_bytes(), name
@@ -412,7 +413,7 @@ def test_fetch_hf_takes_tokenizer_json_and_the_shards_the_index_names(tmp_path):
         (hub / name).write_text(text)
     server = serve(hub)
     try:
-        cfg = pr.ModelConfig(backbone="gpt2", hf_dir=str(tmp_path / "local"),
+        cfg = pr.ModelConfig(backbone="gpt2", hf_dir=str(tmp_path / "local"), prompt="sids+titles",
                              hf_url=f"http://127.0.0.1:{server.server_address[1]}")
         train.fetch_hf(cfg)
     finally:
