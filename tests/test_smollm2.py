@@ -108,3 +108,23 @@ def test_tokenizer_matches_gguf_vocabulary(tok, reader):
     assert chat.tokens == ["<|im_start|>", "user", "Ċ", "Hi", "<|im_end|>"] and chat.ids[::4] == [1, 2]
     ids = tok.encode(TEXT).ids
     assert tok.decode(ids) == TEXT and len(ids) < len(TEXT.split()) * 1.3
+
+
+def test_our_decoder_on_smollm2_equals_transformers_and_names_paris(folder, tok):
+    """The same folder through our own loader and decoder (model.backbone=hf): logits equal transformers',
+    perplexity under the bound a wrong Q/K layout exceeds, greedy ' Paris'."""
+    import numpy as np
+
+    import pauserec as pr
+    cfg = pr.ModelConfig(backbone="hf", hf_dir=folder, dropout=0.0, max_len=128)
+    ours = pr.make_model(cfg, pr.make_tokens(cfg, np.array([[i % 8, i // 8] for i in range(64)]))).eval()
+    ids = torch.tensor([tok.encode(TEXT).ids])
+    with torch.no_grad():
+        logits = ours(ids)[..., :49152]                                # text rows: the LM's own vocabulary
+        assert (logits - load_model(folder)(ids).logits).abs().max() <= 1e-4
+        assert torch.exp(torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])) < PPL_BOUND
+        prompt = tok.encode("The capital of France is").ids
+        x = torch.tensor([prompt])
+        for _ in range(3):
+            x = torch.cat([x, ours(x, select="last")[:, :49152].argmax(-1, keepdim=True)], 1)
+    assert " Paris" in tok.decode(x[0, len(prompt):].tolist())
