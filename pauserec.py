@@ -885,9 +885,9 @@ def make_tokens(cfg: ModelConfig, codes, words=(), item_meta=None) -> Tokens:
         return Tokens.from_codes(codes, words)
     tok = Tokens.from_codes(codes, words, base=backbones.gpt2_config(cfg.hf_dir)["vocab_size"])
     if cfg.prompt == "sids+titles":
-        bpe = backbones.BPETokenizer(cfg.hf_dir)
-        if len(bpe.encoder) > tok.base:
-            raise ValueError(f"vocab.json has {len(bpe.encoder)} tokens, more than GPT-2's vocab_size {tok.base}")
+        bpe = backbones.load_tokenizer(cfg.hf_dir)
+        if len(bpe) > tok.base:
+            raise ValueError(f"{cfg.hf_dir}: the tokenizer has {len(bpe)} tokens, more than vocab_size {tok.base}")
         tok.item_titles = [bpe.encode(" " + m["title"])[: cfg.max_title_len] if m.get("title") else []
                            for m in item_meta]
     return tok
