@@ -173,23 +173,28 @@ def onig_to_re(pattern: str) -> re.Pattern:
     (?i:..), possessive quantifiers and atomic groups) `re` reads as Oniguruma does (Python >= 3.11)."""
     out, i, in_class = [], 0, False
     while i < len(pattern):
-        c, nxt = pattern[i], pattern[i + 1: i + 2]
-        prop = re.match(r"[pP](?:\{(\^?)([^}]*)\}|(\w))", pattern[i + 1:]) if c == "\\" else None
-        if prop or (c == "\\" and nxt in ONIG_ESCAPES):
-            if prop:
-                (name, negate), i = (prop[2] or prop[3], (nxt == "P") != bool(prop[1])), i + 1 + prop.end()
-            else:
-                (name, negate), i = ONIG_ESCAPES[nxt], i + 2
-            body = char_class(name, negate)
-            out.append(body if in_class else f"[{body}]")
+        c = pattern[i]
+        if c != "\\":
+            if c == "[" and in_class:
+                raise ValueError(f"a nested character class in {pattern!r} is not supported")
+            in_class = (in_class or c == "[") and c != "]"
+            out.append(c)
+            i += 1
             continue
-        if c == "\\" and nxt in "wWbBhHRXK" and nxt:   # they differ between the two engines: refuse them
-            raise ValueError(f"\\{nxt} in {pattern!r} is not supported")
-        if c == "[" and in_class:
-            raise ValueError(f"a nested character class in {pattern!r} is not supported")
-        in_class = (in_class or c == "[") and c != "]"
-        out.append(pattern[i: i + 2] if c == "\\" else c)
-        i += 2 if c == "\\" else 1
+        esc = pattern[i + 1: i + 2]
+        prop = re.match(r"[pP](?:\{(\^?)([^}]*)\}|(\w))", pattern[i + 1:])
+        if prop:   # \p{L} or \pL; \P{L} and \p{^L} are its complement
+            name, negate, i = prop[2] or prop[3], (esc == "P") != bool(prop[1]), i + 1 + prop.end()
+        elif esc in ONIG_ESCAPES:
+            (name, negate), i = ONIG_ESCAPES[esc], i + 2
+        elif esc and esc in "wWbBhHRXK":   # they differ between the two engines: refused
+            raise ValueError(f"\\{esc} in {pattern!r} is not supported")
+        else:      # \r, \n, \', ... mean the same to both
+            out.append(pattern[i: i + 2])
+            i += 2
+            continue
+        body = char_class(name, negate)
+        out.append(body if in_class else f"[{body}]")
     return re.compile("".join(out))
 
 
@@ -237,7 +242,7 @@ def read_pre_tokenizer(spec, path) -> list:
         elif kind == "Digits":
             steps.append(isolated(re.compile(f"[{char_class('N')}]" + ("" if s.get("individual_digits") else "+"))))
         else:
-            what = {"Split": f"Split (behavior {s.get('behavior')}, invert {s.get('invert')})" if s else "",
+            what = {"Split": f"Split (behavior {s and s.get('behavior')}, invert {s and s.get('invert')})",
                     "ByteLevel": "ByteLevel before another pre-tokenizer"}.get(kind, kind)
             raise ValueError(f"{path}: unsupported pre_tokenizer type {what!r} (supported: Split with behavior "
                              f"Isolated, Digits, then ByteLevel, or a Sequence of these)")
