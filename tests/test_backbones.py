@@ -56,7 +56,7 @@ ADDED = [AddedToken("<think>", special=False, normalized=False), AddedToken("</t
          AddedToken("zq", single_word=True, normalized=True), AddedToken("café", normalized=True)]
 STRIPPING = ("<mask>", "[rs]")   # their lstrip/rstrip swallow whitespace: no round trip
 # whole words added to the vocabulary without merges: only ignore_merges reaches them
-WHOLE = ["Ġquick", "Ġbrown", "Hello", "123", "Ġ" + "".join(bb.bytes_to_unicode()[b] for b in " Привет".encode())[1:]]
+WHOLE = ["Ġquick", "Ġbrown", "Hello", "123", "".join(bb.bytes_to_unicode()[b] for b in " Привет".encode())]
 
 EXTRA = [
     "1", "12", "123", "1234", "12345", "1234567", "12345678901", " 1234567 ", "a1234567b", "3.14159", "-42", "1e10",
@@ -100,16 +100,15 @@ def family_json(name) -> str:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=256 + len(SPECIAL) + 400, special_tokens=SPECIAL, show_progress=False,
                                   initial_alphabet=pt.ByteLevel.alphabet())
-    tok.train_from_iterator([CORPUS] * 3 + [s for s in family_strings()[::2] if "zq" not in s], trainer)  # no merge
-    # makes 'zq': BPE does not produce what the single_word token would
+    texts = [CORPUS] * 3 + [s for s in family_strings()[::2] if "zq" not in s]   # no merge makes the single_word 'zq'
+    tok.train_from_iterator(texts, trainer)
     spec = json.loads(tok.to_str())
     assert spec["model"]["ignore_merges"] == ignore_merges and len(spec["model"]["merges"]) > 300
     vocab = spec["model"]["vocab"]
     vocab.update({w: len(vocab) + i for i, w in enumerate(w for w in WHOLE if w not in vocab)})
-    tok = Tokenizer.from_str(json.dumps(spec))   # then the added tokens, after the vocabulary (the library's ids)
-    tok.add_tokens(ADDED)
-    spec = json.loads(tok.to_str())
-    return json.dumps(spec, ensure_ascii=False)
+    tok = Tokenizer.from_str(json.dumps(spec))   # the added tokens last: the library gives them the ids after the
+    tok.add_tokens(ADDED)                        # vocabulary's on loading, whatever the file says
+    return tok.to_str()
 
 
 def write(folder, spec: str):
