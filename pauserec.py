@@ -1045,10 +1045,9 @@ def make_tokens(cfg: ModelConfig, codes, words=(), item_meta=None) -> Tokens:
         return Tokens.from_codes(codes, words)
     tok = Tokens.from_codes(codes, words, base=backbones.hf_config(cfg.hf_dir)["vocab_size"])
     if cfg.prompt == "sids+titles":
-        text = backbones.BPETokenizer(cfg.hf_dir)   # the titles' tokenizer
-        if len(text.encoder) > tok.base:
-            raise ValueError(f"the tokenizer has {len(text.encoder)} tokens, more than config.json's "
-                             f"vocab_size {tok.base}")
-        tok.item_titles = [text.encode(" " + m["title"])[: cfg.max_title_len] if m.get("title") else []
+        bpe = backbones.load_tokenizer(cfg.hf_dir)
+        if len(bpe) > tok.base:
+            raise ValueError(f"{cfg.hf_dir}: the tokenizer has {len(bpe)} tokens, more than vocab_size {tok.base}")
+        tok.item_titles = [bpe.encode(" " + m["title"])[: cfg.max_title_len] if m.get("title") else []
                            for m in item_meta]
     return tok

@@ -266,7 +266,7 @@ def many_strings():
 
 def test_bpe_round_trip_and_pretokens(tmp_path):
     write_tokenizer(tmp_path)
-    bpe = bb.BPETokenizer(tmp_path)
+    bpe = bb.load_tokenizer(tmp_path)
     for s in many_strings():
         assert bpe.decode(bpe.encode(s)) == s, repr(s)
     pat = bb.gpt2_pretokenizer()
@@ -296,7 +296,7 @@ def test_tokenizer_matches_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     write_tokenizer(tmp_path)
     ref = transformers.GPT2Tokenizer.from_pretrained(str(tmp_path))
-    ours = bb.BPETokenizer(tmp_path)
+    ours = bb.load_tokenizer(tmp_path)
     strings = many_strings()
     assert len(strings) > 300
     for s in strings:
@@ -324,7 +324,7 @@ def test_titled_prompt_and_oldest_first_truncation(tmp_path):
     folder = write_checkpoint(tmp_path / "ckpt")
     cfg, tok, codes, meta = gpt2_setup(folder, prompt="sids+titles", reasoning="pause", num_pauses=2,
                                        pause_layout="target", max_len=64)
-    bpe = bb.BPETokenizer(folder)
+    bpe = bb.load_tokenizer(folder)
     assert tok.item_titles[0] == bpe.encode(" Nail polish top coat")[: cfg.max_title_len]
     assert tok.item_titles[2] == []                                        # no title
     ids, mask = pr.build_example(tok, cfg, [0, 2], 4)
