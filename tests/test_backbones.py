@@ -247,7 +247,9 @@ def test_make_tokens_titles_from_tokenizer_json(tmp_path):
     meta = [{"title": "Crème brûlée 12 pack"}, {"title": None}]
     cfg = pr.ModelConfig(backbone="gpt2", hf_dir=str(tmp_path), prompt="sids+titles", max_title_len=6)
     for size in (V, V - 1):
-        (tmp_path / "config.json").write_text(json.dumps({"vocab_size": size, "n_embd": 32}))
+        config = {"architectures": ["GPT2LMHeadModel"], "vocab_size": size, "n_embd": 32, "n_layer": 1, "n_head": 2,
+                  "n_positions": 64}
+        (tmp_path / "config.json").write_text(json.dumps(config))
         if size < V:
             with pytest.raises(ValueError, match="more than vocab_size"):
                 pr.make_tokens(cfg, codes, (), meta)

@@ -128,3 +128,12 @@ def test_our_decoder_on_smollm2_equals_transformers_and_names_paris(folder, tok)
         for _ in range(3):
             x = torch.cat([x, ours(x, select="last")[:, :49152].argmax(-1, keepdim=True)], 1)
     assert " Paris" in tok.decode(x[0, len(prompt):].tolist())
+
+
+def test_our_tokenizer_equals_tokenizers_on_the_real_smollm2_vocabulary(folder, tok):
+    from test_gpt2 import many_strings
+    ours = bb.load_tokenizer(folder)
+    strings = many_strings() + [TEXT, "The capital of France is", "Nail Polish, 0.5 fl oz (15 ml) - 12 pack"]
+    assert len(strings) >= 300
+    for s in strings:
+        assert ours.encode(s) == tok.encode(s, add_special_tokens=False).ids, repr(s)
