@@ -7,7 +7,8 @@
         --peer (needs transformers): on the first catalogue, the same weights exported into
         transformers' GPT2LMHeadModel and generate(num_beams, prefix_allowed_tokens_fn) on the same
         prompts: top-10 agreement with ours and users/s of both, at batch 1 and batch --peer-users
-    python bench.py reasoning CONFIG [--quick] [--jobs N] [--seeds N] [--modes A,B] [--out DIR] [key=value ...]
+    python bench.py reasoning CONFIG [--quick] [--jobs N] [--seeds N] [--modes A,B] [--out DIR]
+                         [--time-steps 20] [--time-users 512] [key=value ...]
         train and evaluate the modes none, pause (M = 1, 2, 4, 8) and cot (rationale noise 0, 0.5, 1)
         on the same data, SIDs and budget (--jobs N: N modes at once, as separate processes; finished
         modes in DIR are reused; --seeds N: each mode with train.seed 0..N-1, metrics as mean and std);
@@ -390,10 +391,11 @@ def bench_reasoning(args, overrides):
             row["train_seconds"], row["train_seconds_std"] = summary["train_seconds"].values()
             row["seeds"] = args.seeds
         fn, tokens = train_steps(tok, cfg["model"], ds, cfg["data"].max_history, now["train"].batch_size, model,
-                                 device)
+                                 device, args.time_steps)
         timed.append((row, "train_tokens_per_s", fn, tokens))
         for batch in (1, 256):
-            users = test[: (8 if args.quick else 32) if batch == 1 else (64 if args.quick else 512)]
+            n = 64 if args.quick else args.time_users   # users timed at batch 256, and a 16th of them at batch 1
+            users = test[: max(1, n // 16) if batch == 1 else n]
             fn = functools.partial(evaluate.recommend, model, tok, cfg["model"], trie, users, ecfg.beam_size,
                                    max(ecfg.ks), batch, device, None)
             timed.append((row, f"users_per_s_batch{batch}", fn, len(users)))
@@ -557,6 +559,9 @@ def main(argv):
                    "their train seconds then overlap: compare modes by train_tokens_per_s, measured alone")
     r.add_argument("--seeds", type=int, default=1, help="each mode with train.seed 0..N-1: metrics as mean ± std "
                    "(with 1, the config's seed, in the folders of a bench without --seeds)")
+    r.add_argument("--time-steps", type=int, default=20, help="training steps per timing round")
+    r.add_argument("--time-users", type=int, default=512, help="test users per beam-search timing round at batch "
+                   "256 (at batch 1: a 16th of them); a pretrained LM on a CPU wants fewer of both")
     r.add_argument("--modes", default="", help="a comma-separated subset, e.g. 'none,pause M=2,cot noise=0.0' "
                    "(default: all)")
     p = sub.add_parser("probe", formatter_class=raw)

@@ -23,6 +23,7 @@ the previous position produced (after the final LayerNorm) plus a learned step e
 import dataclasses
 import json
 import math
+import os
 import random
 import re
 from dataclasses import dataclass
@@ -993,9 +994,21 @@ def backbone_config(cfg: ModelConfig, tok: Tokens) -> ModelConfig:
     return dataclasses.replace(cfg, **dict(hf, n_layer=cfg.keep_layers or hf["n_layer"]))
 
 
+def text_rows_for_words(w, tok: Tokens, hf_dir: str):
+    """Initial rows [V - base, d] of our tokens from the pretrained rows w [base, d]: each the mean row, except
+    that a rationale word (cot) starts as the mean of its own text tokens' rows when the folder has a tokenizer,
+    so the LM reads ' brand opi' in its words from the first step."""
+    ours = w.mean(0).expand(tok.size - tok.base, -1).clone()
+    if tok.words and any(os.path.isfile(os.path.join(hf_dir, f)) for f in ("tokenizer.json", "vocab.json")):
+        text = backbones.load_tokenizer(hf_dir)
+        for j, word in enumerate(tok.words):
+            ours[tok.word_start - tok.base + j] = w[text.encode(" " + word)].mean(0)
+    return ours
+
+
 def load_pretrained(model: GPT, tok: Tokens, hf_dir: str):
     """The checkpoint's weights into model. Our tokens' rows (ids tok.base..) come after the text rows of the
-    embedding (and of an untied head), each the mean pretrained row; learned positions are cut to max_len."""
+    embedding (and of an untied head): text_rows_for_words; learned positions are cut to max_len."""
     cfg = model.cfg
     sd = backbones.hf_state_dict(backbones.read_checkpoint(hf_dir), backbones.read_config(hf_dir), cfg.n_layer)
     for name, apart in (("transformer.wte.weight", "new_rows"), ("lm_head.weight", "new_head_rows")):
@@ -1004,7 +1017,7 @@ def load_pretrained(model: GPT, tok: Tokens, hf_dir: str):
         w = sd[name]
         if w.shape[0] != tok.base:
             raise ValueError(f"{hf_dir}: {name} has {w.shape[0]} rows, config.json's vocab_size is {tok.base}")
-        ours = w.mean(0).expand(tok.size - tok.base, -1)
+        ours = text_rows_for_words(w, tok, hf_dir)
         if cfg.train_only_new_tokens:
             sd[apart] = ours.clone()
         else:

@@ -369,6 +369,17 @@ def test_train_only_new_tokens_freezes_pretrained_weights(tmp_path):
 # ----------------------------------------------------------------------------------------------- fetch
 
 
+
+def test_rationale_words_start_as_their_text_tokens_mean_row(tmp_path):
+    folder = write_checkpoint(tmp_path / "gpt2")
+    cfg = pr.ModelConfig(backbone="gpt2", hf_dir=str(folder), max_len=64, reasoning="cot", pause_layout="target")
+    tok = pr.make_tokens(cfg, torch.tensor([[0, 1], [1, 0]]), ["polish", "brand", "opi"])
+    wte = pr.make_model(cfg, tok).transformer.wte.weight.detach()
+    text = bb.load_tokenizer(folder)
+    for w in tok.words:
+        assert torch.allclose(wte[tok.word_index[w]], wte[text.encode(" " + w)].mean(0)), w
+    assert torch.allclose(wte[tok.PAUSE], wte[: tok.base].mean(0))      # every other new row: the mean row
+
 def serve(folder):
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
     handler.log_message = lambda *a: None
