@@ -79,7 +79,8 @@ class ModelConfig:
                                    #   (the sizes and block flags above come from its config.json)
     hf_dir: str = ""               # pretrained: Hugging Face folder: config.json, model.safetensors (or shards and
                                    #   model.safetensors.index.json, or pytorch_model.bin), tokenizer files
-    hf_url: str = ""               # gpt2: base URL GPT-2's four files are fetched from if hf_dir lacks them
+    hf_url: str = ""               # pretrained: base URL (a hub repository's .../resolve/main) of the files
+                                   #   hf_dir lacks: config.json, weights (shards too), the tokenizer if titled
     keep_layers: int = 0           # pretrained: load only the first K blocks (0 = all; a cheap CPU setting)
     prompt: str = "sids"           # sids | sids+titles: each history item as its title (text tokens), then its SID
     max_title_len: int = 24        # sids+titles: text tokens kept per title
