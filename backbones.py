@@ -93,7 +93,7 @@ def read_config(model_dir) -> dict:
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: model.hf_dir must be a Hugging Face model folder "
-                                f"(or, for GPT-2, set model.hf_url to fetch one)")
+                                f"(or set model.hf_url to fetch one)")
     with open(path) as f:
         return json.load(f)
 
