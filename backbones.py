@@ -62,6 +62,16 @@ def write_safetensors(path, tensors: dict[str, torch.Tensor]):
     os.replace(tmp, path)
 
 
+# The forms a folder's weights and tokenizer come in, each a tuple of files (read_checkpoint, load_tokenizer)
+WEIGHT_FILES = (("model.safetensors",), ("model.safetensors.index.json",), ("pytorch_model.bin",))
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+
+
+def has_files(model_dir, forms) -> bool:
+    """Whether model_dir holds every file of one of `forms` (WEIGHT_FILES, TOKENIZER_FILES)."""
+    return any(all(os.path.isfile(os.path.join(model_dir, f)) for f in form) for form in forms)
+
+
 def read_checkpoint(model_dir) -> dict[str, torch.Tensor]:
     """A folder's tensors under their Hugging Face names: model.safetensors, or the shards that
     model.safetensors.index.json's weight_map names, or pytorch_model.bin (the legacy torch.save)."""

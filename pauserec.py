@@ -23,7 +23,6 @@ the previous position produced (after the final LayerNorm) plus a learned step e
 import dataclasses
 import json
 import math
-import os
 import random
 import re
 from dataclasses import dataclass
@@ -1000,7 +999,7 @@ def text_rows_for_words(w, tok: Tokens, hf_dir: str):
     that a rationale word (cot) starts as the mean of its own text tokens' rows when the folder has a tokenizer,
     so the LM reads ' brand opi' in its words from the first step."""
     ours = w.mean(0).expand(tok.size - tok.base, -1).clone()
-    if tok.words and any(os.path.isfile(os.path.join(hf_dir, f)) for f in ("tokenizer.json", "vocab.json")):
+    if tok.words and backbones.has_files(hf_dir, backbones.TOKENIZER_FILES):
         text = backbones.load_tokenizer(hf_dir)
         for j, word in enumerate(tok.words):
             ours[tok.word_start - tok.base + j] = w[text.encode(" " + word)].mean(0)

@@ -29,6 +29,7 @@ import torch.distributed as dist
 import yaml
 from tqdm import tqdm
 
+import backbones
 import data
 import evaluate
 import pauserec
@@ -118,30 +119,24 @@ def sid_table(cfg, ds, cache_dir: Path):
     return codes, settings, health
 
 
-# What a Hugging Face folder needs: config.json, a tokenizer (either form) and the weights (either form).
-HF_TOKENIZERS = (("tokenizer.json",), ("vocab.json", "merges.txt"))
-HF_WEIGHTS = (("model.safetensors",), ("model.safetensors.index.json",), ("pytorch_model.bin",))
-
-
 def fetch_hf(mcfg):
     """Fetch the files that model.hf_dir lacks from model.hf_url (e.g. a Hugging Face hub repository):
     config.json, then the first weights form the server has (a sharded checkpoint's index, then the shards
     it names) and, for titled prompts, the first tokenizer form."""
     folder = Path(mcfg.hf_dir)
-
-    def have(names):
-        return all((folder / n).is_file() for n in names)
-
-    needs = {"weights": HF_WEIGHTS} | ({"a tokenizer": HF_TOKENIZERS} if mcfg.prompt != "sids" else {})
-    missing = [what for what, forms in needs.items() if not any(map(have, forms))]
-    missing = (["config.json"] if not have(["config.json"]) else []) + missing
+    needs = {"weights": backbones.WEIGHT_FILES}
+    if mcfg.prompt != "sids":
+        needs["a tokenizer"] = backbones.TOKENIZER_FILES
+    missing = [what for what, forms in needs.items() if not backbones.has_files(folder, forms)]
+    has_config = (folder / "config.json").is_file()
+    missing = ([] if has_config else ["config.json"]) + missing
     if missing and not mcfg.hf_url:
         raise FileNotFoundError(f"model.hf_dir={folder} lacks {', '.join(missing)}: put a Hugging Face model "
                                 f"folder there, or set model.hf_url to fetch it")
-    if not have(["config.json"]):
+    if not has_config:
         fetch_one(mcfg, "config.json")
     for forms in needs.values():
-        if not any(map(have, forms)):
+        if not backbones.has_files(folder, forms):
             fetch_first(mcfg, forms)
     index = folder / "model.safetensors.index.json"
     if index.is_file():

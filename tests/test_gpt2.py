@@ -143,6 +143,16 @@ def write_checkpoint(folder, n_layer=2, n_head=2, n_embd=32, n_positions=64, see
     return folder
 
 
+def train_trainable(model, tok, cfg, steps, **adamw):
+    """`steps` AdamW steps (lr 1e-2) of the model's trainable parameters on two fixed examples."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, **adamw)
+    batch = pr.collate([pr.build_example(tok, cfg, [0, 1], 3), pr.build_example(tok, cfg, [2], 4)], tok.PAD)
+    for _ in range(steps):
+        opt.zero_grad()
+        model.loss(*batch).backward()
+        opt.step()
+
+
 def gpt2_setup(folder, **kw):
     cfg = pr.ModelConfig(backbone="gpt2", hf_dir=str(folder), max_len=kw.pop("max_len", 64), **kw)
     codes = torch.tensor([[0, 1, 0], [1, 0, 2], [1, 2, 1], [2, 2, 0], [0, 0, 1]])
@@ -353,12 +363,7 @@ def test_train_only_new_tokens_freezes_pretrained_weights(tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["new_rows"]   # our rows, apart
     assert model.transformer.wte.weight.shape[0] == tok.base and model.new_rows.shape[0] == tok.size - tok.base
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
-    batch = pr.collate([pr.build_example(tok, cfg, [0, 1], 3), pr.build_example(tok, cfg, [2], 4)], tok.PAD)
-    for _ in range(3):
-        opt.zero_grad()
-        model.loss(*batch).backward()
-        opt.step()
+    train_trainable(model, tok, cfg, steps=3, weight_decay=0.0)
     after = model.state_dict()
     for k, v in before.items():
         if k != "new_rows":

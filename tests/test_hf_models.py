@@ -15,6 +15,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from test_gpt2 import train_trainable  # noqa: E402
 from test_train import tiny_args  # noqa: E402
 
 import backbones as bb  # noqa: E402
@@ -198,12 +199,7 @@ def test_train_only_new_tokens_untied_llama(tmp_path):
             assert torch.allclose(split(ids), want, atol=1e-5)
     split.train()
     before = {k: v.clone() for k, v in split.state_dict().items()}
-    opt = torch.optim.AdamW([p for p in split.parameters() if p.requires_grad], lr=1e-2)
-    batch = pr.collate([pr.build_example(tok, cfg, [0, 1], 3), pr.build_example(tok, cfg, [2], 4)], tok.PAD)
-    for _ in range(2):
-        opt.zero_grad()
-        split.loss(*batch).backward()
-        opt.step()
+    train_trainable(split, tok, cfg, steps=2)
     after = split.state_dict()
     assert [k for k in before if not torch.equal(before[k], after[k])] == ["new_rows", "new_head_rows"]
 
