@@ -7,6 +7,8 @@ MostPop and Markov baselines on the same leave-one-out split.
                                                             #   (default RUN_DIR/curves.png; needs matplotlib)
     python evaluate.py RUN_DIR --recommend USER_ID [--k 10]  # top-k items after the user's last item
     python evaluate.py RUN_DIR --history ITEM_ID,ITEM_ID,.. [--k 10]   # top-k items after this history
+    python evaluate.py RUN_DIR --ablate-pauses hide|shuffle  # valid and test with the pauses before the SID
+                                                            #   knocked out, beside the metrics as trained
 
 Each prints one JSON object (--recommend, --history: a JSON list) on the last line of stdout.
 """
@@ -110,8 +112,9 @@ def baseline_metrics(sequences, split: str, ks=(5, 10)) -> dict:
 # The model: constrained beam search over the SID trie, batched over users
 
 def recommend(model, tok, mcfg, trie, examples, beam_size: int, topk: int, batch_size: int,
-              device="cpu", desc="beam search"):
-    """Top-k items [U, topk] for each example's history, in the examples' order. desc=None: no progress bar."""
+              device="cpu", desc="beam search", ablate=""):
+    """Top-k items [U, topk] for each example's history, in the examples' order. desc=None: no progress bar.
+    ablate: hide | shuffle the pauses before the SID (pauserec.prefill)."""
     prompts = [pauserec.build_prompt(tok, mcfg, ex.history) for ex in examples]
     # Batches of similar prompt length waste less compute on padding (which never changes results).
     order = sorted(range(len(prompts)), key=lambda u: len(prompts[u]))
@@ -120,18 +123,18 @@ def recommend(model, tok, mcfg, trie, examples, beam_size: int, topk: int, batch
     for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, disable=None if desc else True):
         rows = order[start:start + batch_size]
         items, _ = pauserec.beam_search(model, tok, mcfg, trie, [prompts[u] for u in rows],
-                                        beam_size=beam_size, topk=topk, device=device)
+                                        beam_size=beam_size, topk=topk, device=device, ablate=ablate)
         ranked[rows] = items.cpu()
     return ranked
 
 
 def evaluate_model(model, tok, mcfg, trie, examples, cfg: EvalConfig, device="cpu", desc="eval",
-                   rank=0, world=1) -> dict:
+                   rank=0, world=1, ablate="") -> dict:
     """Metrics over examples. Under torchrun (world > 1) each rank ranks every world-th user and the
     rankings are gathered, so every rank computes the same metrics (and early-stops alike)."""
     t0 = time.time()
     ranked = recommend(model, tok, mcfg, trie, examples[rank::world], cfg.beam_size, max(cfg.ks),
-                       cfg.batch_size, device, desc if rank == 0 else None)
+                       cfg.batch_size, device, desc if rank == 0 else None, ablate)
     if world > 1:
         shards = [None] * world
         dist.all_gather_object(shards, ranked)
@@ -272,15 +275,17 @@ def cli_options(argv):
         arg = rest.pop(0)
         if arg == "--plot":   # PATH is optional: the next argument, unless it is an option or an override
             options["plot"] = rest.pop(0) if rest and not rest[0].startswith("-") and "=" not in rest[0] else ""
-        elif arg in ("--recommend", "--history", "--k"):
+        elif arg in ("--recommend", "--history", "--k", "--ablate-pauses"):
             if not rest:
                 raise ValueError(f"{arg} needs a value: usage: python evaluate.py RUN_DIR {arg} VALUE")
             options[arg[2:]] = rest.pop(0)
         elif arg.startswith("-"):
             raise ValueError(f"unknown option {arg}; evaluate.py takes --baselines, --plot, --recommend, --history, "
-                             f"--k (--help for usage)")
+                             f"--k, --ablate-pauses (--help for usage)")
         else:
             overrides.append(arg)
+    if options.get("ablate-pauses", "hide") not in pauserec.ABLATIONS:
+        raise ValueError(f"--ablate-pauses must be {' | '.join(pauserec.ABLATIONS)}, got {options['ablate-pauses']!r}")
     if "recommend" in options and "history" in options:
         raise ValueError("--recommend and --history exclude each other: give one")
     if "k" in options:
@@ -289,6 +294,22 @@ def cli_options(argv):
         if not options["k"].isdigit() or int(options["k"]) < 1:
             raise ValueError(f"--k must be a positive integer, got {options['k']!r}")
     return options, overrides
+
+
+def ablation(model, tok, cfg, trie, split, how: str) -> dict:
+    """Validation and test metrics of a pause (or latent) run as trained and with its pauses knocked out
+    (how: hide | shuffle, see pauserec.prefill), side by side; the test figures are for reading, not selection."""
+    mcfg, ecfg = cfg["model"], cfg["eval"]
+    pauserec.check_ablation(mcfg, how)
+    rows = {}
+    for split_name in ("valid", "test"):
+        for name, ablate in (("as trained", ""), (f"pauses {how}", how)):
+            rows[f"{split_name}: {name}"] = evaluate_model(model, tok, mcfg, trie, split[split_name], ecfg,
+                                                           desc=f"{split_name} {name}", ablate=ablate)
+    print(results_table(rows, ecfg.ks))
+    result = {"ablate": how, **rows}
+    print(json.dumps(result))
+    return result
 
 
 RUN_SECTIONS = {"data": data.DataConfig, "sid": sid.SIDConfig, "model": pauserec.ModelConfig, "eval": EvalConfig}
@@ -328,6 +349,8 @@ def main(argv):
     cfg, ds, codes, tok, model = load_run(run_dir, overrides)
     split = data.leave_one_out(ds.sequences, cfg["data"].max_history)
     trie = pauserec.SIDTrie(codes)
+    if "ablate-pauses" in options:
+        return ablation(model, tok, cfg, trie, split, options["ablate-pauses"])
     result = evaluate_model(model, tok, cfg["model"], trie, split["test"], cfg["eval"], desc="test")
     baselines = baseline_metrics(ds.sequences, "test", cfg["eval"].ks)
     saved = run_dir / "metrics.json"

@@ -25,6 +25,7 @@ import json
 import math
 import random
 import re
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,6 +68,12 @@ class ModelConfig:
     num_pauses: int = 2            # M: <pause> tokens before each predicted item (pause mode)
     pause_embeddings: str = "shared"  # shared: one <pause> row | distinct: + a learned row per slot j of the M (pause)
     latent_steps: int = 2          # K: latent mode's reasoning steps, each fed the last state (needs layout target)
+    step_loss: str = "none"        # none | draft (pause): each pause but the last (which predicts the SID) is also
+                                   #   trained to predict the next item's first SID token | progressive (latent,
+                                   #   ReaRec's PRL): each latent step but the last predicts it, logits divided by
+                                   #   step_temp ** (steps to the last), sharper step by step
+    step_loss_weight: float = 1.0  # step_loss: its mean cross-entropy's weight beside the SID tokens' loss
+    step_temp: float = 2.0         # step_loss progressive: temperature base (1: no annealing)
     pause_layout: str = "every_item"  # every_item: all of a sequence's items trained in one pass, M pauses
                                    #   before each | target: one example per target, M pauses before it only
     loss_on_history: bool = False  # also supervise the history items' SID tokens (all but the first item)
@@ -119,6 +126,14 @@ class ModelConfig:
                 raise ValueError(f"model.latent_steps must be >= 1 with reasoning=latent, got {self.latent_steps}")
             if self.loss_on_history:
                 raise ValueError("model.loss_on_history is not supported with model.reasoning=latent")
+        if self.step_loss not in ("none", "draft", "progressive"):
+            raise ValueError(f"model.step_loss must be none | draft | progressive, got {self.step_loss!r}")
+        needs = {"draft": "pause", "progressive": "latent"}.get(self.step_loss, self.reasoning)
+        if self.reasoning != needs:
+            raise ValueError(f"model.step_loss={self.step_loss} needs model.reasoning={needs}, got {self.reasoning}")
+        if self.step_loss_weight < 0 or self.step_temp <= 0:
+            raise ValueError(f"model.step_loss_weight must be >= 0 and model.step_temp > 0, got "
+                             f"{self.step_loss_weight}, {self.step_temp}")
         if not 0.0 <= self.rationale_noise <= 1.0:
             raise ValueError(f"model.rationale_noise must be in [0, 1], got {self.rationale_noise}")
         if self.backbone != "scratch" and not self.hf_dir:
@@ -293,6 +308,23 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+def draft_targets(ids, loss_mask, pause_id: int):
+    """step_loss draft: ids [N, T], loss_mask [N, T] -> (where [N, T-1] bool, target [N, T-1] long).
+
+    Position i (input of the logits that predict ids[i+1]) is a draft position when it and the next token are
+    both pauses, i.e. every pause of a run but the last, and the item after the run is supervised; its target
+    is that item's first SID token. The last pause of a run already predicts that token (the SID loss).
+    """
+    N, T = ids.shape
+    t = torch.arange(T, device=ids.device).expand(N, T)
+    is_p = ids == pause_id
+    # first non-pause at or after each position (T: none)
+    after = torch.where(is_p, T, t).flip(1).cummin(1).values.flip(1)
+    first = after[:, 1:].clamp(max=T - 1)                      # [N, T-1] for position i: the item after i's run
+    where = is_p[:, :-1] & is_p[:, 1:] & (after[:, 1:] < T) & loss_mask.gather(1, first)
+    return where, ids.gather(1, first)
+
+
 class GPT(nn.Module):
     """Decoder-only transformer with GPT-2's parameter names; the ModelConfig flags make its blocks Llama's,
     Qwen2's or Qwen3's, so the weights of all four families load into it (backbones.py maps the names).
@@ -450,22 +482,35 @@ class GPT(nn.Module):
 
     def reason(self, h, cache: KVCache):
         """Latent steps (ReaRec): h [N, d], the final-LayerNorm state of the last position read into cache ->
-        the state after K steps; step k reads (previous state + reasoning_pos[k]) as its input embedding."""
+        the states after each of the K steps [N, K, d]; step k reads (previous state + reasoning_pos[k]) as its
+        input embedding. The last state predicts the SID's first token."""
+        states = []
         for k in range(self.cfg.latent_steps):
             h = self.hidden(embeds=(h + self.reasoning_pos[k])[:, None], cache=cache)[:, 0]
-        return h
+            states.append(h)
+        return torch.stack(states, 1)
 
     def loss(self, ids, loss_mask):
         """Mean cross-entropy over supervised tokens; logits are computed only where a target is."""
         if self.cfg.reasoning == "latent":
             return self.latent_loss(ids, loss_mask)
         sel = loss_mask[:, 1:]                        # position i predicts ids[:, i + 1]
-        logits = self(ids[:, :-1], select=sel)        # [n_supervised, V - head_start]
-        return F.cross_entropy(logits.float(), ids[:, 1:][sel] - self.head_start)
+        if self.cfg.step_loss != "draft":
+            logits = self(ids[:, :-1], select=sel)    # [n_supervised, V - head_start]
+            return F.cross_entropy(logits.float(), ids[:, 1:][sel] - self.head_start)
+        draft, first = draft_targets(ids, loss_mask, self.pause_id)
+        both = sel | draft                            # disjoint: a draft position's next token is a pause
+        logits = self(ids[:, :-1], select=both).float()  # [n_sid + n_draft, V'], rows in position order
+        target = torch.where(sel, ids[:, 1:], first)[both] - self.head_start
+        is_sid = sel[both]
+        loss = F.cross_entropy(logits[is_sid], target[is_sid])
+        if bool(draft.any()):
+            loss = loss + self.cfg.step_loss_weight * F.cross_entropy(logits[~is_sid], target[~is_sid])
+        return loss
 
     def latent_loss(self, ids, loss_mask):
         """Latent mode: cross-entropy on the target's L SID tokens, the first predicted from the last latent
-        step's state (no loss on the steps themselves; ReaRec's multi-step losses are not used).
+        step's state (with step_loss progressive the earlier steps' states predict it too: ReaRec's PRL).
 
         ids [N, T] right-padded examples [BOS] history <slot>*K sid(target) (loss_mask True on sid(target)).
         The histories are read in one pass into a KV cache (the K slots and the target masked as keys), then
@@ -479,12 +524,18 @@ class GPT(nn.Module):
         cache = KVCache()
         history = torch.arange(Th, device=ids.device) < hlen[:, None]
         h = self.hidden(ids[:, :Th], key_mask=history, cache=cache)[torch.arange(N, device=ids.device), hlen - 1]
-        h = self.reason(h, cache)                                                     # [N, d]
+        states = self.reason(h, cache)                                                # [N, K, d]
         target = ids.gather(1, start[:, None] + torch.arange(L, device=ids.device))  # [N, L]
-        logits = [self.logits(h)[:, None]]
+        logits = [self.logits(states[:, -1])[:, None]]
         if L > 1:
             logits.append(self(target[:, :-1], cache=cache))                          # [N, L-1, V']
-        return F.cross_entropy(torch.cat(logits, 1).flatten(0, 1).float(), target.flatten() - self.head_start)
+        loss = F.cross_entropy(torch.cat(logits, 1).flatten(0, 1).float(), target.flatten() - self.head_start)
+        if self.cfg.step_loss == "progressive" and K > 1:   # steps 1..K-1 predict the first SID token too
+            temp = self.cfg.step_temp ** torch.arange(K - 1, 0, -1, device=ids.device)  # [K-1]: softest first
+            step_logits = self.logits(states[:, :-1]).float() / temp[:, None]            # [N, K-1, V']
+            first = (target[:, :1] - self.head_start).expand(N, K - 1)
+            loss = loss + self.cfg.step_loss_weight * F.cross_entropy(step_logits.flatten(0, 1), first.flatten())
+        return loss
 
 
 def loss(logits, ids, loss_mask, head_start: int = 0):
@@ -864,20 +915,92 @@ def _decode_rationale(model: GPT, tok: Tokens, cfg: ModelConfig, cache: KVCache,
     return sid_logits, rationales
 
 
-def latent_prefill(model: GPT, cfg: ModelConfig, prompts: list[list[int]], cache: KVCache, pad: int):
+ABLATIONS = ("hide", "shuffle")   # evaluate.py --ablate-pauses: knock out the reasoning slots at inference
+
+
+@contextmanager
+def foreign_slot_states(model: GPT, slots: torch.Tensor):
+    """shuffle ablation: while active, each row's keys and values at the columns `slots` [B, T] bool (the same
+    columns in every row) are those of the next row in the batch (row b reads row b+1's, the last row the first's).
+    Only what attention reads is swapped; each position's own residual stream stays its own."""
+    q = model.cfg.n_head * model.cfg.head_width
+
+    def swap(module, args, out):                      # out [B, T, q + 2 kv] of c_attn: [q; k; v] per position
+        kv = out[..., q:]
+        return torch.cat([out[..., :q], torch.where(slots[..., None], kv.roll(-1, 0), kv)], -1)
+
+    hooks = [block.attn.c_attn.register_forward_hook(swap) for block in model.transformer.h]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def latent_prefill(model: GPT, cfg: ModelConfig, prompts: list[list[int]], cache: KVCache, pad: int,
+                   ablate: str = ""):
     """latent: logits [B, V'] after the K latent steps, cache filled. Each prompt's last K tokens are its latent
-    slots: the rest ([BOS] history, left-padded) is read in one pass, then the K steps one read each."""
+    slots: the rest ([BOS] history, left-padded) is read in one pass, then the K steps one read each.
+    ablate hide: each step's key is masked for every later read (the steps then reach the SID only through the
+    fed-back state); shuffle: the steps' keys and values are another prompt's (foreign_slot_states)."""
     K = cfg.latent_steps
     if min(len(p) for p in prompts) <= K:
         raise ValueError(f"latent_prefill: prompts must hold [BOS] history and {K} latent slots (build_prompt)")
     ids, key_mask = left_pad([p[:-K] for p in prompts], model.device, pad)
     h = model.hidden(ids, key_mask=key_mask, cache=cache)[:, -1]
-    return model.logits(model.reason(h, cache))
+    if not ablate:
+        return model.logits(model.reason(h, cache)[:, -1])
+    B = len(prompts)
+    hidden_key = torch.full((B, 1), ablate != "hide", device=model.device)  # False: the step's key is masked
+    with foreign_slot_states(model, torch.ones(B, 1, dtype=torch.bool, device=model.device)) \
+            if ablate == "shuffle" else nullcontext():
+        for k in range(K):
+            positions = cache.length[:, None] + (k if ablate == "hide" else 0)  # a masked key is not counted
+            h = model.hidden(embeds=(h + model.reasoning_pos[k])[:, None], key_mask=hidden_key,
+                             positions=positions, cache=cache)[:, 0]
+    if ablate == "hide":
+        cache.length = cache.length + K               # the SID's positions as without the ablation
+    return model.logits(h)
+
+
+def check_ablation(cfg: ModelConfig, ablate: str):
+    if ablate not in ABLATIONS:
+        raise ValueError(f"--ablate-pauses must be {' | '.join(ABLATIONS)}, got {ablate!r}")
+    if num_slots(cfg) == 0:
+        raise ValueError(f"--ablate-pauses needs a run with pauses or latent steps (model.reasoning=pause with "
+                         f"num_pauses > 0, or latent), got reasoning={cfg.reasoning}")
+
+
+def prefill(model: GPT, cfg: ModelConfig, prompts: list[list[int]], cache: KVCache, pad: int, ablate: str = ""):
+    """Read the prompts (build_prompt) into cache in one pass -> logits [B, V'] for the first SID token.
+
+    ablate (evaluation only, pause and latent): knock out the M pauses (K latent steps) right before the SID.
+      hide: no later position attends to them (their keys are masked; positions stay as trained);
+      shuffle: their keys and values are the next prompt's in the batch (foreign_slot_states).
+    """
+    if ablate:
+        check_ablation(cfg, ablate)
+        if ablate == "shuffle" and len(prompts) < 2:
+            raise ValueError("ablate=shuffle needs >= 2 prompts per batch (each reads the next one's pauses)")
+    if cfg.reasoning == "latent":
+        return latent_prefill(model, cfg, prompts, cache, pad, ablate)
+    ids, key_mask = left_pad(prompts, model.device, pad)
+    if not ablate:
+        return model(ids, key_mask=key_mask, cache=cache, select="last")
+    slots = torch.zeros_like(key_mask)
+    slots[:, -num_slots(cfg):] = True                 # left-padded: every prompt ends with its M pauses
+    positions = (key_mask.long().cumsum(1) - 1).clamp(min=0)
+    if ablate == "shuffle":
+        with foreign_slot_states(model, slots):
+            return model(ids, key_mask=key_mask, cache=cache, select="last")
+    logits = model(ids, key_mask=key_mask & ~slots, positions=positions, cache=cache, select="last")
+    cache.length = cache.length + num_slots(cfg)      # hidden keys are not counted: the SID's positions as trained
+    return logits
 
 
 @torch.inference_mode()
 def beam_search(model: GPT, tok: Tokens, cfg: ModelConfig, trie: SIDTrie, prompts: list[list[int]],
-                beam_size: int, topk: int, return_rationales: bool = False, device=None):
+                beam_size: int, topk: int, return_rationales: bool = False, device=None, ablate: str = ""):
     """Top-k catalogue items per prompt by trie-constrained beam search over the L SID tokens.
 
     -> items LongTensor [B, topk] (item indices, -1 where fewer than topk beams exist),
@@ -887,7 +1010,7 @@ def beam_search(model: GPT, tok: Tokens, cfg: ModelConfig, trie: SIDTrie, prompt
     log-prob of its SID (see score_items).
     In cot mode the rationale is decoded greedily first; scores are conditioned on it (its tokens are
     returned third with return_rationales=True). In latent mode the prompts' last K tokens are the latent
-    steps (latent_prefill). Runs on the model's device (`device` only checks it).
+    steps (latent_prefill). Runs on the model's device (`device` only checks it). ablate: see prefill.
     """
     if beam_size < 1 or topk < 1:
         raise ValueError(f"beam_search: beam_size and topk must be >= 1, got {beam_size}, {topk}")
@@ -902,11 +1025,7 @@ def beam_search(model: GPT, tok: Tokens, cfg: ModelConfig, trie: SIDTrie, prompt
         raise ValueError("beam_search: prompts must be non-empty token lists (start with BOS)")
     B, L = len(prompts), trie.num_levels
     cache = KVCache()
-    if cfg.reasoning == "latent":
-        logits = latent_prefill(model, cfg, prompts, cache, tok.PAD)           # [B, V']: prefill + K steps
-    else:
-        ids, key_mask = left_pad(prompts, dev, tok.PAD)
-        logits = model(ids, key_mask=key_mask, cache=cache, select="last")      # [B, V']: one parallel prefill
+    logits = prefill(model, cfg, prompts, cache, tok.PAD, ablate)              # [B, V']: one parallel prefill
     rationales = None
     if cfg.reasoning == "cot":
         logits, rationales = _decode_rationale(model, tok, cfg, cache, logits)
