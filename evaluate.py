@@ -21,9 +21,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import backbones
+import common
 import data
 import pauserec
 import sid
+from model import ModelConfig
 
 
 @dataclass
@@ -47,6 +50,10 @@ def check_eval_config(cfg: EvalConfig):
     if cfg.select not in computed:
         raise ValueError(f"eval.select={cfg.select} is not computed with eval.ks={cfg.ks}: set eval.select to one "
                          f"of {', '.join(computed)}, or add its K to eval.ks")
+
+
+# the sections of a run folder's config.yaml that evaluate.py reads
+RUN_SECTIONS = {"data": data.DataConfig, "sid": sid.SIDConfig, "model": ModelConfig, "eval": EvalConfig}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,15 +160,13 @@ def load_run(run_dir, overrides=(), device="cpu"):
     for name in ("config.yaml", "sids.pt", "model.pt"):
         if not (run_dir / name).is_file():
             raise FileNotFoundError(f"{run_dir / name} not found: is {run_dir} a run folder written by train.py?")
-    cfg = data.load_config(run_dir / "config.yaml", overrides,
-                           {"data": data.DataConfig, "sid": sid.SIDConfig, "model": pauserec.ModelConfig,
-                            "eval": EvalConfig}, ignore=("train",))
+    cfg = common.load_config(run_dir / "config.yaml", overrides, RUN_SECTIONS, ignore=("train",))
     check_eval_config(cfg["eval"])
     ds = data.load_dataset(cfg["data"])
     codes, _, _ = sid.load_sids(run_dir / "sids.pt", len(ds.item_ids))
     checkpoint = torch.load(run_dir / "model.pt", map_location=device, weights_only=True)
-    tok = pauserec.make_tokens(cfg["model"], codes, checkpoint["words"], ds.item_meta)
-    model = pauserec.make_model(cfg["model"], tok, pretrained=False).to(device)
+    tok = backbones.make_tokens(cfg["model"], codes, checkpoint["words"], ds.item_meta)
+    model = backbones.make_model(cfg["model"], tok, pretrained=False).to(device)
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as e:  # torch lists every mismatch, one per line: show the first
@@ -201,8 +206,8 @@ def plot_run(run_dir, path, overrides=()):
     records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     baselines = json.loads(metrics_path.read_text()).get("baselines_valid") if metrics_path.is_file() else None
     if baselines is None:   # a run still training (or an older one): the baselines are cheap to fit
-        cfg = data.load_config(run_dir / "config.yaml", overrides, {"data": data.DataConfig, "eval": EvalConfig},
-                               ignore=("sid", "model", "train"))
+        cfg = common.load_config(run_dir / "config.yaml", overrides, {"data": data.DataConfig, "eval": EvalConfig},
+                                 ignore=("sid", "model", "train"))
         baselines = baseline_metrics(data.load_dataset(cfg["data"]).sequences, "valid", cfg["eval"].ks)
     loss = [(r["step"], r["loss"]) for r in records if "loss" in r and "step" in r]
     end = max((s for s, _ in loss), default=0)   # refit steps are drawn after the main ones
@@ -265,63 +270,48 @@ def recommendations_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def cli_options(argv):
-    """(options, overrides) of `RUN_DIR`'s arguments: --plot [PATH], --recommend ID, --history IDS, --k N."""
-    options, overrides, rest = {}, [], list(argv)
-    while rest:
-        arg = rest.pop(0)
-        if arg == "--plot":   # PATH is optional: the next argument, unless it is an option or an override
-            options["plot"] = rest.pop(0) if rest and not rest[0].startswith("-") and "=" not in rest[0] else ""
-        elif arg in ("--recommend", "--history", "--k"):
-            if not rest:
-                raise ValueError(f"{arg} needs a value: usage: python evaluate.py RUN_DIR {arg} VALUE")
-            options[arg[2:]] = rest.pop(0)
-        elif arg.startswith("-"):
-            raise ValueError(f"unknown option {arg}; evaluate.py takes --baselines, --plot, --recommend, --history, "
-                             f"--k (--help for usage)")
-        else:
-            overrides.append(arg)
-    if "recommend" in options and "history" in options:
+def parse_args(argv):
+    """The command line: RUN_DIR (or --baselines CONFIG), key=value overrides and the options."""
+    parser = common.Parser(__doc__, RUN_SECTIONS, prog="evaluate.py")
+    parser.add_argument("path", metavar="RUN_DIR | CONFIG")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    parser.add_argument("--baselines", action="store_true", help="PATH is a CONFIG: MostPop and Markov on test")
+    parser.add_argument("--plot", nargs="?", const="", metavar="PATH", help="training curves as a PNG")
+    parser.add_argument("--recommend", metavar="USER_ID", help="top-k items after the user's last item")
+    parser.add_argument("--history", metavar="ITEM_ID,..", help="top-k items after this history")
+    parser.add_argument("--k", help="how many items --recommend and --history list (default 10)")
+    args = parser.parse_intermixed_args(argv)
+    if args.plot and "=" in args.plot:   # `--plot key=value`: the plot's PATH is optional, that is an override
+        args.overrides, args.plot = [args.plot, *args.overrides], ""
+    if args.recommend is not None and args.history is not None:
         raise ValueError("--recommend and --history exclude each other: give one")
-    if "k" in options:
-        if "recommend" not in options and "history" not in options:
+    if args.k is not None:
+        if args.recommend is None and args.history is None:
             raise ValueError("--k goes with --recommend or --history")
-        if not options["k"].isdigit() or int(options["k"]) < 1:
-            raise ValueError(f"--k must be a positive integer, got {options['k']!r}")
-    return options, overrides
-
-
-RUN_SECTIONS = {"data": data.DataConfig, "sid": sid.SIDConfig, "model": pauserec.ModelConfig, "eval": EvalConfig}
+        if not args.k.isdigit() or int(args.k) < 1:
+            raise ValueError(f"--k must be a positive integer, got {args.k!r}")
+    return args
 
 
 def main(argv):
-    if {"-h", "--help"} & set(argv):
-        print(data.cli_help(__doc__, RUN_SECTIONS))
-        return None
-    if argv[:1] == ["--baselines"]:
-        if len(argv) < 2:
-            raise ValueError("--baselines needs a CONFIG: usage: python evaluate.py --baselines CONFIG [key=value ...]")
-        cfg = data.load_config(argv[1], argv[2:], {"data": data.DataConfig, "eval": EvalConfig},
-                               ignore=("sid", "model", "train"))
+    args = parse_args(argv)
+    if args.baselines:
+        cfg = common.load_config(args.path, args.overrides, {"data": data.DataConfig, "eval": EvalConfig},
+                                 ignore=("sid", "model", "train"))
         check_eval_config(cfg["eval"])
         ds = data.load_dataset(cfg["data"])
         result = baseline_metrics(ds.sequences, "test", cfg["eval"].ks)
         print(json.dumps(result))
         return result
-    if not argv or argv[0].startswith("-"):
-        raise ValueError(f"{'missing RUN_DIR' if not argv else f'unknown option {argv[0]}'}: usage: "
-                         f"python evaluate.py RUN_DIR [key=value ...] (--help for the rest)")
-    run_dir = Path(argv[0])
-    options, overrides = cli_options(argv[1:])
+    run_dir, overrides = Path(args.path), args.overrides
     torch.manual_seed(0)
-    if "plot" in options:
-        path = plot_run(run_dir, options["plot"] or run_dir / "curves.png", overrides)
+    if args.plot is not None:
+        path = plot_run(run_dir, args.plot or run_dir / "curves.png", overrides)
         print(f"plot: {path}")
         print(json.dumps({"plot": str(path)}))
         return path
-    if "recommend" in options or "history" in options:
-        rows = recommend_for(run_dir, overrides, options.get("recommend"), options.get("history"),
-                             int(options.get("k", 10)))
+    if args.recommend is not None or args.history is not None:
+        rows = recommend_for(run_dir, overrides, args.recommend, args.history, int(args.k or 10))
         print(recommendations_table(rows))
         print(json.dumps(rows))
         return rows
@@ -337,4 +327,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    data.run_cli(main, sys.argv[1:])
+    common.run_cli(main, sys.argv[1:])
