@@ -274,7 +274,7 @@ def parse_args(argv):
     """The command line: RUN_DIR (or --baselines CONFIG), key=value overrides and the options."""
     parser = common.Parser(__doc__, RUN_SECTIONS, prog="evaluate.py")
     parser.add_argument("path", metavar="RUN_DIR | CONFIG")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    parser.add_argument("overrides", nargs="*", default=[], metavar="section.key=value")
     parser.add_argument("--baselines", action="store_true", help="PATH is a CONFIG: MostPop and Markov on test")
     parser.add_argument("--plot", nargs="?", const="", metavar="PATH", help="training curves as a PNG")
     parser.add_argument("--recommend", metavar="USER_ID", help="top-k items after the user's last item")

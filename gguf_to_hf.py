@@ -222,7 +222,7 @@ def gguf_to_hf(gguf_path, out_dir, dtype=torch.float32) -> str:
 
 def main(argv):
     parser = common.Parser(__doc__)
-    parser.add_argument("paths", nargs="+", metavar="[GGUF] OUT_DIR")
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="[GGUF] OUT_DIR (GGUF default: SmolLM2-135M's)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     args = parser.parse_args(argv)
     if len(args.paths) > 2:

@@ -377,7 +377,7 @@ def main(argv):
     sections = {"data": data.DataConfig, "sid": SIDConfig}
     parser = common.Parser(__doc__, sections, prog="sid.py")
     parser.add_argument("config", metavar="CONFIG")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    parser.add_argument("overrides", nargs="*", default=[], metavar="section.key=value")
     parser.add_argument("--out", default="", help="also save the table here (codes, sid settings, health)")
     args = parser.parse_intermixed_args(argv)
     cfgs = common.load_config(args.config, args.overrides, sections, ignore=("model", "eval", "train"))

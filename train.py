@@ -267,7 +267,7 @@ def parse_args(argv) -> tuple[dict, Path]:
     """The config (every check that needs no data) and the run folder, from the command line."""
     parser = common.Parser(__doc__, SECTIONS, prog="train.py")
     parser.add_argument("config", metavar="CONFIG")
-    parser.add_argument("overrides", nargs="*", metavar="section.key=value")
+    parser.add_argument("overrides", nargs="*", default=[], metavar="section.key=value")
     args = parser.parse_args(argv)
     cfg = common.load_config(args.config, args.overrides, SECTIONS)
     check_train_config(cfg["train"])
