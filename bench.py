@@ -40,10 +40,14 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+import backbones
+import bpe
+import common
 import data
 import evaluate
 import pauserec
 import sid
+from model import GPT, ModelConfig
 
 
 def interleaved_medians(fns, reps=3):
@@ -194,8 +198,8 @@ def bench_beam(args):
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)
-    # the default size (4 layers, d=128) with M=4 pauses before the target, as measured in the README
-    mcfg = pauserec.ModelConfig(reasoning="pause", num_pauses=4, pause_layout="target")
+    # the default size (4 layers, d=128) with M=4 pauses before the target, as in docs/RESULTS.md
+    mcfg = ModelConfig(reasoning="pause", num_pauses=4, pause_layout="target")
     rows = []
     for n in [int(x) for x in args.items.split(",")]:
         codes = random_catalogue(n)
@@ -203,7 +207,7 @@ def bench_beam(args):
         trie = pauserec.SIDTrie(codes)
         build = time.perf_counter() - t0
         tok = pauserec.Tokens.from_codes(codes)
-        model = TimedModel(pauserec.GPT(mcfg, tok.size).eval())
+        model = TimedModel(GPT(mcfg, tok.size).eval())
         gen = torch.Generator().manual_seed(1)
         histories = torch.randint(n, (args.users, 20), generator=gen).tolist()   # 20-item histories
         prompts = [pauserec.build_prompt(tok, mcfg, h) for h in histories]
@@ -282,7 +286,7 @@ def train_steps(tok, mcfg, ds, max_history, batch_size, model, device, steps=20)
 
     def run():
         for ids, mask in batches:
-            loss = model.loss(ids.to(device), mask.to(device))
+            loss = pauserec.training_loss(model, ids.to(device), mask.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -348,7 +352,7 @@ def finished(run_dir, run_args):
     if not (run_dir / "metrics.json").is_file():
         return False
     import train
-    resolved = {k: asdict(v) for k, v in data.load_config(run_args[0], run_args[1:], train.SECTIONS).items()}
+    resolved = {k: asdict(v) for k, v in common.load_config(run_args[0], run_args[1:], train.SECTIONS).items()}
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     diff = train.changed_settings(saved, resolved, sections=resolved, ignore=RUN_KEYS)
     if diff:
@@ -371,7 +375,7 @@ def bench_reasoning(args, overrides):
     for name, slug, run_args in runs[::args.seeds]:   # a mode's first seed is timed; its metrics: all seeds
         seeds = [json.loads((out_dir / r[1] / "metrics.json").read_text()) for r in runs if r[0] == name]
         metrics = seeds[0]   # slug's: the mode's first seed
-        now = data.load_config(run_args[0], run_args[1:], train.SECTIONS)   # this machine's settings
+        now = common.load_config(run_args[0], run_args[1:], train.SECTIONS)   # this machine's settings
         device = train.pick_device(now["train"].device)
         if now["train"].threads:
             torch.set_num_threads(now["train"].threads)
@@ -510,16 +514,15 @@ def probe(model, tok, text, item_meta, items) -> dict:
 
 def bench_probe(args, overrides):
     """Probe a run's model and the pretrained backbone it started from (same tokens, new rows as initialised)."""
-    import backbones
     cfg, ds, codes, tok, model = evaluate.load_run(args.run_dir, overrides)
     mcfg = cfg["model"]
     if mcfg.backbone == "scratch":
         raise ValueError(f"{args.run_dir} has model.backbone=scratch: the probe needs a pretrained backbone")
     titled = [i for i, m in enumerate(ds.item_meta) if m.get("title") and m.get("category")]
     items = sorted(random.Random(args.seed).sample(titled, min(args.items, len(titled))))
-    text = backbones.load_tokenizer(mcfg.hf_dir)
+    text = bpe.load_tokenizer(mcfg.hf_dir)
     torch.manual_seed(0)
-    before = pauserec.make_model(mcfg, tok, pretrained=True)
+    before = backbones.make_model(mcfg, tok, pretrained=True)
     rows = {"pretrained": probe(before, tok, text, ds.item_meta, items),
             f"trained ({Path(args.run_dir).name})": probe(model, tok, text, ds.item_meta, items)}
     print("| model | verbalization ppl (lower: more knowledge kept) | SID/title cosine gap | SID -> title top-1 |")
@@ -531,18 +534,12 @@ def bench_probe(args, overrides):
     print(json.dumps(out))
     return out
 
-class Parser(argparse.ArgumentParser):
-    """argparse whose errors are user errors (data.run_cli prints them as one line), not usage + exit."""
-
-    def error(self, message):
-        raise ValueError(f"{self.prog}: {message} (--help for usage)")
-
-
 def main(argv):
     import train  # for the config keys that `reasoning` passes on to train.py
-    keys = "reasoning and seeds pass their key=value arguments on to train.py.\n\n" + data.cli_help("", train.SECTIONS)
+    keys = ("reasoning and seeds pass their key=value arguments on to train.py.\n\n"
+            + common.cli_help("", train.SECTIONS))
     raw = argparse.RawDescriptionHelpFormatter   # keeps the docstring's and the key list's lines
-    parser = Parser(description=__doc__, formatter_class=raw, epilog=keys)
+    parser = common.Parser(description=__doc__, formatter_class=raw, epilog=keys, prog="bench.py")
     sub = parser.add_subparsers(dest="command", required=True)
     b = sub.add_parser("beam")
     b.add_argument("--items", default="12000,100000,1000000")
@@ -587,4 +584,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    data.run_cli(main, sys.argv[1:])
+    common.run_cli(main, sys.argv[1:])

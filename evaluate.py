@@ -16,16 +16,21 @@ import json
 import sys
 import time
 from collections import Counter, defaultdict
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import backbones
+import common
 import data
 import pauserec
 import sid
+from model import ModelConfig
 
 
 @dataclass
@@ -49,6 +54,10 @@ def check_eval_config(cfg: EvalConfig):
     if cfg.select not in computed:
         raise ValueError(f"eval.select={cfg.select} is not computed with eval.ks={cfg.ks}: set eval.select to one "
                          f"of {', '.join(computed)}, or add its K to eval.ks")
+
+
+# the sections of a run folder's config.yaml that evaluate.py reads
+RUN_SECTIONS = {"data": data.DataConfig, "sid": sid.SIDConfig, "model": ModelConfig, "eval": EvalConfig}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -109,12 +118,88 @@ def baseline_metrics(sequences, split: str, ks=(5, 10)) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# Are the pauses used? Knock them out at inference (--ablate-pauses)
+
+ABLATIONS = ("hide", "shuffle")
+
+
+@contextmanager
+def foreign_slot_states(model, slots):
+    """While active, each row's keys and values at the columns `slots` [B, T] bool (the same columns in every
+    row) are those of the next row in the batch (row b reads row b+1's, the last row the first's). Only what
+    attention reads is swapped: each position's own residual stream stays its own."""
+    q = model.cfg.n_head * model.cfg.head_dim
+
+    def swap(module, args, out):                      # out [B, T, q + 2 kv] of c_attn: [q; k; v] per position
+        kv = out[..., q:]
+        return torch.cat([out[..., :q], torch.where(slots[..., None], kv.roll(-1, 0), kv)], -1)
+
+    hooks = [block.attn.c_attn.register_forward_hook(swap) for block in model.transformer.h]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def check_ablation(mcfg, how: str):
+    if how not in ABLATIONS:
+        raise ValueError(f"--ablate-pauses must be {' | '.join(ABLATIONS)}, got {how!r}")
+    if pauserec.num_slots(mcfg) == 0:
+        raise ValueError(f"--ablate-pauses needs a run with pauses or latent steps (model.reasoning=pause with "
+                         f"num_pauses > 0, or latent), got reasoning={mcfg.reasoning}")
+
+
+def ablated_prefill(model, tok, mcfg, prompts, cache, how: str):
+    """pauserec.prefill with the M pauses (K latent steps) right before the SID knocked out -> (logits, None).
+    hide: no later position attends to them (their keys are masked, each still sees itself; positions as trained);
+    shuffle: their keys and values are the next prompt's in the batch (foreign_slot_states)."""
+    check_ablation(mcfg, how)
+    if how == "shuffle" and len(prompts) < 2:
+        raise ValueError("--ablate-pauses shuffle needs >= 2 prompts per batch (each reads the next one's pauses)")
+    B, K, dev = len(prompts), pauserec.num_slots(mcfg), model.device
+    if mcfg.reasoning == "latent":
+        ids, key_mask = pauserec.left_pad([p[:-K] for p in prompts], dev, tok.PAD)
+        h = model.hidden(ids, key_mask=key_mask, cache=cache)[:, -1]
+        with foreign_slot_states(model, torch.ones(B, 1, dtype=torch.bool, device=dev)) if how == "shuffle" \
+                else nullcontext():
+            return model.logits(pauserec.latent_steps(model, h, cache, hide=how == "hide")[:, -1]), None
+    ids, key_mask = pauserec.left_pad(prompts, dev, tok.PAD)
+    slots = torch.zeros_like(key_mask)
+    slots[:, -K:] = True                               # left-padded: every prompt ends with its M pauses
+    if how == "shuffle":
+        with foreign_slot_states(model, slots):
+            return model(ids, key_mask=key_mask, cache=cache, last=True), None
+    positions = (key_mask.long().cumsum(1) - 1).clamp(min=0)   # as trained: the masked pauses still count
+    logits = model(ids, key_mask=key_mask & ~slots, positions=positions, cache=cache, last=True)
+    cache.length = cache.length + K                    # the cache did not count them: the SID's positions as trained
+    return logits, None
+
+
+def ablation(model, tok, cfg, trie, split, how: str) -> dict:
+    """Validation and test metrics of a pause (or latent) run as trained and with its pauses knocked out
+    (ablated_prefill), side by side. After a refit, model.pt has trained on the validation targets."""
+    mcfg, ecfg = cfg["model"], cfg["eval"]
+    check_ablation(mcfg, how)
+    rows = {}
+    for split_name in ("valid", "test"):
+        for name, ablate in (("as trained", ""), (f"pauses {how}", how)):
+            rows[f"{split_name}: {name}"] = evaluate_model(model, tok, mcfg, trie, split[split_name], ecfg,
+                                                           desc=f"{split_name} {name}", ablate=ablate)
+    print(results_table(rows, ecfg.ks))
+    result = {"ablate": how, **rows}
+    print(json.dumps(result))
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
 # The model: constrained beam search over the SID trie, batched over users
 
 def recommend(model, tok, mcfg, trie, examples, beam_size: int, topk: int, batch_size: int,
               device="cpu", desc="beam search", ablate=""):
     """Top-k items [U, topk] for each example's history, in the examples' order. desc=None: no progress bar.
-    ablate: hide | shuffle the pauses before the SID (pauserec.prefill)."""
+    ablate: hide | shuffle the pauses before the SID (ablated_prefill)."""
+    prefill = partial(ablated_prefill, how=ablate) if ablate else pauserec.prefill
     prompts = [pauserec.build_prompt(tok, mcfg, ex.history) for ex in examples]
     # Batches of similar prompt length waste less compute on padding (which never changes results).
     order = sorted(range(len(prompts)), key=lambda u: len(prompts[u]))
@@ -123,7 +208,7 @@ def recommend(model, tok, mcfg, trie, examples, beam_size: int, topk: int, batch
     for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, disable=None if desc else True):
         rows = order[start:start + batch_size]
         items, _ = pauserec.beam_search(model, tok, mcfg, trie, [prompts[u] for u in rows],
-                                        beam_size=beam_size, topk=topk, device=device, ablate=ablate)
+                                        beam_size=beam_size, topk=topk, device=device, prefill=prefill)
         ranked[rows] = items.cpu()
     return ranked
 
@@ -156,15 +241,13 @@ def load_run(run_dir, overrides=(), device="cpu"):
     for name in ("config.yaml", "sids.pt", "model.pt"):
         if not (run_dir / name).is_file():
             raise FileNotFoundError(f"{run_dir / name} not found: is {run_dir} a run folder written by train.py?")
-    cfg = data.load_config(run_dir / "config.yaml", overrides,
-                           {"data": data.DataConfig, "sid": sid.SIDConfig, "model": pauserec.ModelConfig,
-                            "eval": EvalConfig}, ignore=("train",))
+    cfg = common.load_config(run_dir / "config.yaml", overrides, RUN_SECTIONS, ignore=("train",))
     check_eval_config(cfg["eval"])
     ds = data.load_dataset(cfg["data"])
     codes, _, _ = sid.load_sids(run_dir / "sids.pt", len(ds.item_ids))
     checkpoint = torch.load(run_dir / "model.pt", map_location=device, weights_only=True)
-    tok = pauserec.make_tokens(cfg["model"], codes, checkpoint["words"], ds.item_meta)
-    model = pauserec.make_model(cfg["model"], tok, pretrained=False).to(device)
+    tok = backbones.make_tokens(cfg["model"], codes, checkpoint["words"], ds.item_meta)
+    model = backbones.make_model(cfg["model"], tok, pretrained=False).to(device)
     try:
         model.load_state_dict(checkpoint["model"])
     except RuntimeError as e:  # torch lists every mismatch, one per line: show the first
@@ -204,8 +287,8 @@ def plot_run(run_dir, path, overrides=()):
     records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     baselines = json.loads(metrics_path.read_text()).get("baselines_valid") if metrics_path.is_file() else None
     if baselines is None:   # a run still training (or an older one): the baselines are cheap to fit
-        cfg = data.load_config(run_dir / "config.yaml", overrides, {"data": data.DataConfig, "eval": EvalConfig},
-                               ignore=("sid", "model", "train"))
+        cfg = common.load_config(run_dir / "config.yaml", overrides, {"data": data.DataConfig, "eval": EvalConfig},
+                                 ignore=("sid", "model", "train"))
         baselines = baseline_metrics(data.load_dataset(cfg["data"]).sequences, "valid", cfg["eval"].ks)
     loss = [(r["step"], r["loss"]) for r in records if "loss" in r and "step" in r]
     end = max((s for s, _ in loss), default=0)   # refit steps are drawn after the main ones
@@ -268,89 +351,58 @@ def recommendations_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def cli_options(argv):
-    """(options, overrides) of `RUN_DIR`'s arguments: --plot [PATH], --recommend ID, --history IDS, --k N."""
-    options, overrides, rest = {}, [], list(argv)
-    while rest:
-        arg = rest.pop(0)
-        if arg == "--plot":   # PATH is optional: the next argument, unless it is an option or an override
-            options["plot"] = rest.pop(0) if rest and not rest[0].startswith("-") and "=" not in rest[0] else ""
-        elif arg in ("--recommend", "--history", "--k", "--ablate-pauses"):
-            if not rest:
-                raise ValueError(f"{arg} needs a value: usage: python evaluate.py RUN_DIR {arg} VALUE")
-            options[arg[2:]] = rest.pop(0)
-        elif arg.startswith("-"):
-            raise ValueError(f"unknown option {arg}; evaluate.py takes --baselines, --plot, --recommend, --history, "
-                             f"--k, --ablate-pauses (--help for usage)")
-        else:
-            overrides.append(arg)
-    if options.get("ablate-pauses", "hide") not in pauserec.ABLATIONS:
-        raise ValueError(f"--ablate-pauses must be {' | '.join(pauserec.ABLATIONS)}, got {options['ablate-pauses']!r}")
-    if "recommend" in options and "history" in options:
+def parse_args(argv):
+    """The command line: RUN_DIR (or --baselines CONFIG), key=value overrides and the options."""
+    parser = common.Parser(__doc__, RUN_SECTIONS, prog="evaluate.py")
+    parser.add_argument("path", metavar="RUN_DIR | CONFIG")
+    parser.add_argument("overrides", nargs="*", default=[], metavar="section.key=value")
+    parser.add_argument("--baselines", action="store_true", help="PATH is a CONFIG: MostPop and Markov on test")
+    parser.add_argument("--plot", nargs="?", const="", metavar="PATH", help="training curves as a PNG")
+    parser.add_argument("--recommend", metavar="USER_ID", help="top-k items after the user's last item")
+    parser.add_argument("--history", metavar="ITEM_ID,..", help="top-k items after this history")
+    parser.add_argument("--k", help="how many items --recommend and --history list (default 10)")
+    parser.add_argument("--ablate-pauses", choices=ABLATIONS, help="valid and test with the pauses before the "
+                        "SID knocked out (hide: masked as keys; shuffle: another user's), beside the plain figures")
+    args = parser.parse_intermixed_args(argv)
+    if args.plot and "=" in args.plot:   # `--plot key=value`: the plot's PATH is optional, that is an override
+        args.overrides, args.plot = [args.plot, *args.overrides], ""
+    if args.recommend is not None and args.history is not None:
         raise ValueError("--recommend and --history exclude each other: give one")
-    if "k" in options:
-        if "recommend" not in options and "history" not in options:
+    if args.k is not None:
+        if args.recommend is None and args.history is None:
             raise ValueError("--k goes with --recommend or --history")
-        if not options["k"].isdigit() or int(options["k"]) < 1:
-            raise ValueError(f"--k must be a positive integer, got {options['k']!r}")
-    return options, overrides
-
-
-def ablation(model, tok, cfg, trie, split, how: str) -> dict:
-    """Validation and test metrics of a pause (or latent) run as trained and with its pauses knocked out
-    (how: hide | shuffle, see pauserec.prefill), side by side; the test figures are for reading, not selection."""
-    mcfg, ecfg = cfg["model"], cfg["eval"]
-    pauserec.check_ablation(mcfg, how)
-    rows = {}
-    for split_name in ("valid", "test"):
-        for name, ablate in (("as trained", ""), (f"pauses {how}", how)):
-            rows[f"{split_name}: {name}"] = evaluate_model(model, tok, mcfg, trie, split[split_name], ecfg,
-                                                           desc=f"{split_name} {name}", ablate=ablate)
-    print(results_table(rows, ecfg.ks))
-    result = {"ablate": how, **rows}
-    print(json.dumps(result))
-    return result
-
-
-RUN_SECTIONS = {"data": data.DataConfig, "sid": sid.SIDConfig, "model": pauserec.ModelConfig, "eval": EvalConfig}
+        if not args.k.isdigit() or int(args.k) < 1:
+            raise ValueError(f"--k must be a positive integer, got {args.k!r}")
+    return args
 
 
 def main(argv):
-    if {"-h", "--help"} & set(argv):
-        print(data.cli_help(__doc__, RUN_SECTIONS))
-        return None
-    if argv[:1] == ["--baselines"]:
-        if len(argv) < 2:
-            raise ValueError("--baselines needs a CONFIG: usage: python evaluate.py --baselines CONFIG [key=value ...]")
-        cfg = data.load_config(argv[1], argv[2:], {"data": data.DataConfig, "eval": EvalConfig},
-                               ignore=("sid", "model", "train"))
+    args = parse_args(argv)
+    if args.baselines:
+        cfg = common.load_config(args.path, args.overrides, {"data": data.DataConfig, "eval": EvalConfig},
+                                 ignore=("sid", "model", "train"))
         check_eval_config(cfg["eval"])
         ds = data.load_dataset(cfg["data"])
         result = baseline_metrics(ds.sequences, "test", cfg["eval"].ks)
         print(json.dumps(result))
         return result
-    if not argv or argv[0].startswith("-"):
-        raise ValueError(f"{'missing RUN_DIR' if not argv else f'unknown option {argv[0]}'}: usage: "
-                         f"python evaluate.py RUN_DIR [key=value ...] (--help for the rest)")
-    run_dir = Path(argv[0])
-    options, overrides = cli_options(argv[1:])
+    run_dir, overrides = Path(args.path), args.overrides
     torch.manual_seed(0)
-    if "plot" in options:
-        path = plot_run(run_dir, options["plot"] or run_dir / "curves.png", overrides)
+    if args.plot is not None:
+        path = plot_run(run_dir, args.plot or run_dir / "curves.png", overrides)
         print(f"plot: {path}")
         print(json.dumps({"plot": str(path)}))
         return path
-    if "recommend" in options or "history" in options:
-        rows = recommend_for(run_dir, overrides, options.get("recommend"), options.get("history"),
-                             int(options.get("k", 10)))
+    if args.recommend is not None or args.history is not None:
+        rows = recommend_for(run_dir, overrides, args.recommend, args.history, int(args.k or 10))
         print(recommendations_table(rows))
         print(json.dumps(rows))
         return rows
     cfg, ds, codes, tok, model = load_run(run_dir, overrides)
     split = data.leave_one_out(ds.sequences, cfg["data"].max_history)
     trie = pauserec.SIDTrie(codes)
-    if "ablate-pauses" in options:
-        return ablation(model, tok, cfg, trie, split, options["ablate-pauses"])
+    if args.ablate_pauses:
+        return ablation(model, tok, cfg, trie, split, args.ablate_pauses)
     result = evaluate_model(model, tok, cfg["model"], trie, split["test"], cfg["eval"], desc="test")
     baselines = baseline_metrics(ds.sequences, "test", cfg["eval"].ks)
     saved = run_dir / "metrics.json"
@@ -360,4 +412,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    data.run_cli(main, sys.argv[1:])
+    common.run_cli(main, sys.argv[1:])

@@ -18,7 +18,7 @@ train.py, saved in sids.pt and metrics.json):
   max_group               most items sharing one full RQ code
   category_purity         how much more often two items with the same first code share a leaf category
                           than two random items do
-This file imports no project module (main() aside).
+This file imports no project module but common (main() aside: data).
 """
 import json
 import math
@@ -34,6 +34,8 @@ import torch
 import torch.nn as nn
 from tqdm import tqdm
 
+import common
+
 
 @dataclass
 class SIDConfig:
@@ -41,7 +43,7 @@ class SIDConfig:
     embed_dim: int = 256        # tfidf: dimension after the truncated SVD
     max_vocab: int = 50000      # tfidf: keep the most frequent terms (by document frequency)
     min_df: int = 2             # tfidf: drop terms found in fewer item texts than this
-    method: str = "rqkmeans"    # rqkmeans (residual k-means; won on validation NDCG@10) | rqvae (TIGER) |
+    method: str = "rqkmeans"    # rqkmeans (residual k-means; compared: docs/RESULTS.md) | rqvae (TIGER) |
                                 #   id (one code per item, its index: a one-level SID, the item-ID baseline;
                                 #   the text, levels, codebook_size and the settings below are not used)
     levels: int = 3             # RQ levels (codebooks); the SID has levels + 1 codes
@@ -253,7 +255,7 @@ def train_rqvae(emb, cfg, gen):
     bs = min(cfg.batch_size, n)
     with torch.no_grad():  # codebooks seeded by k-means on the first batch's latents, level by level
         model.codebooks.copy_(rq_kmeans(model.encoder(emb[torch.randperm(n, generator=gen)[:bs]]), cfg, gen))
-    bar = tqdm(range(cfg.epochs), desc=f"rqvae {n} items", file=sys.stderr)
+    bar = tqdm(range(cfg.epochs), desc=f"rqvae {n} items", file=sys.stderr, disable=None)   # None: off in a log file
     for epoch in bar:
         perm = torch.randperm(n, generator=gen)
         epoch_codes, total = torch.empty(n, cfg.levels, dtype=torch.long), 0.0
@@ -371,25 +373,20 @@ def load_sids(path, num_items=None):
 
 
 def main(argv):
-    import data  # lazily: the library part of this file imports no project module
-    if {"-h", "--help"} & set(argv):
-        print(data.cli_help(__doc__, {"data": data.DataConfig, "sid": SIDConfig}))
-        return None
-    args = [a for a in argv if not a.startswith("--out=")]
-    out = next((a.split("=", 1)[1] for a in argv if a.startswith("--out=")), "")
-    bad = next((a for a in args if a.startswith("-")), None)
-    if not args or bad:
-        raise ValueError(f"{f'unknown option {bad}' if bad else 'missing CONFIG'}: usage: python sid.py CONFIG "
-                         f"[key=value ...] [--out=sids.pt] (--help lists the keys)")
-    cfgs = data.load_config(args[0], args[1:], {"data": data.DataConfig, "sid": SIDConfig},
-                            ignore=("model", "eval", "train"))
+    import data  # lazily: the library part of this file imports no project module but common
+    sections = {"data": data.DataConfig, "sid": SIDConfig}
+    parser = common.Parser(__doc__, sections, prog="sid.py")
+    parser.add_argument("config", metavar="CONFIG")
+    parser.add_argument("overrides", nargs="*", default=[], metavar="section.key=value")
+    parser.add_argument("--out", default="", help="also save the table here (codes, sid settings, health)")
+    args = parser.parse_intermixed_args(argv)
+    cfgs = common.load_config(args.config, args.overrides, sections, ignore=("model", "eval", "train"))
     ds = data.load_dataset(cfgs["data"])
     codes, health = build_sids(ds.item_text, cfgs["sid"], [m["category"] for m in ds.item_meta])
-    if out:
-        save_sids(out, codes, asdict(cfgs["sid"]), health)
+    if args.out:
+        save_sids(args.out, codes, asdict(cfgs["sid"]), health)
     print(json.dumps(health))
 
 
 if __name__ == "__main__":
-    import data
-    data.run_cli(main, sys.argv[1:])
+    common.run_cli(main, sys.argv[1:])

@@ -30,10 +30,13 @@ import yaml
 from tqdm import tqdm
 
 import backbones
+import common
 import data
 import evaluate
 import pauserec
+import rationales
 import sid
+from model import ModelConfig
 
 
 @dataclass
@@ -63,7 +66,7 @@ class TrainConfig:
     refit_lr: float = 5e-4       # the refit's peak lr (fresh AdamW state, warmup_steps, cosine to min_lr)
 
 
-SECTIONS = {"data": data.DataConfig, "sid": sid.SIDConfig, "model": pauserec.ModelConfig,
+SECTIONS = {"data": data.DataConfig, "sid": sid.SIDConfig, "model": ModelConfig,
             "eval": evaluate.EvalConfig, "train": TrainConfig}
 
 
@@ -93,13 +96,6 @@ def pick_device(name: str) -> str:
     return name
 
 
-def atomic_save(obj, path: Path):
-    """torch.save to a temporary file, then rename: a kill never leaves a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------------------------
 # SID table, cached by everything that determines it
 
@@ -119,53 +115,6 @@ def sid_table(cfg, ds, cache_dir: Path):
     return codes, settings, health
 
 
-def fetch_hf(mcfg):
-    """Fetch the files that model.hf_dir lacks from model.hf_url (e.g. a Hugging Face hub repository):
-    config.json, then the first weights form the server has (a sharded checkpoint's index, then the shards
-    it names) and, for titled prompts, the first tokenizer form."""
-    folder = Path(mcfg.hf_dir)
-    needs = {"weights": backbones.WEIGHT_FILES}
-    if mcfg.prompt != "sids":
-        needs["a tokenizer"] = backbones.TOKENIZER_FILES
-    missing = [what for what, forms in needs.items() if not backbones.has_files(folder, forms)]
-    has_config = (folder / "config.json").is_file()
-    missing = ([] if has_config else ["config.json"]) + missing
-    if missing and not mcfg.hf_url:
-        raise FileNotFoundError(f"model.hf_dir={folder} lacks {', '.join(missing)}: put a Hugging Face model "
-                                f"folder there, or set model.hf_url to fetch it")
-    if not has_config:
-        fetch_one(mcfg, "config.json")
-    for forms in needs.values():
-        if not backbones.has_files(folder, forms):
-            fetch_first(mcfg, forms)
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            if not (folder / shard).is_file():
-                fetch_one(mcfg, shard)
-
-
-def fetch_first(mcfg, forms):
-    """Fetch the first of `forms` (tuples of file names) that the server has all of."""
-    errors = []
-    for names in forms:
-        try:
-            for name in names:
-                fetch_one(mcfg, name)
-            return
-        except OSError as e:
-            errors.append(str(e))
-    raise OSError(f"model.hf_dir={mcfg.hf_dir}: none of {[' + '.join(f) for f in forms]} could be fetched "
-                  f"from model.hf_url (offline?): {errors[0]}")
-
-
-def fetch_one(mcfg, name):
-    try:
-        data.download(f"{mcfg.hf_url.rstrip('/')}/{name}", Path(mcfg.hf_dir) / name, desc=name)
-    except OSError as e:
-        raise OSError(f"model.hf_dir={mcfg.hf_dir} lacks {name} and fetching it failed (offline?): {e}") from e
-
-
 # ----------------------------------------------------------------------------------------------
 # Training examples: token ids and loss masks, built once
 
@@ -182,10 +131,10 @@ def training_examples(tok, mcfg, ds, split, max_history, rng, refit=False):
                 out.append(pauserec.build_sequence_example(tok, mcfg, seq[max(0, end - max_history - 1):end]))
         return out
     targets = split["train"] + (split["valid"] if refit else [])
-    rationales = None
+    rationale_ids = None
     if mcfg.reasoning == "cot":
-        rationales = pauserec.example_rationales(tok, mcfg, targets, ds.item_meta, rng)
-    return [pauserec.build_example(tok, mcfg, ex.history, ex.target, rationales[i] if rationales else None)
+        rationale_ids = rationales.example_rationales(tok, mcfg, targets, ds.item_meta, rng)
+    return [pauserec.build_example(tok, mcfg, ex.history, ex.target, rationale_ids[i] if rationale_ids else None)
             for i, ex in enumerate(targets)]
 
 
@@ -256,14 +205,14 @@ def init_distributed(device: str):
 
 
 class BatchLoss(torch.nn.Module):
-    """model.loss as a forward(): DDP and torch.compile hook forward(), not other methods."""
+    """pauserec.training_loss as a forward(): DDP and torch.compile hook forward(), not other functions."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
     def forward(self, ids, loss_mask):
-        return self.model.loss(ids, loss_mask)
+        return pauserec.training_loss(self.model, ids, loss_mask)
 
 
 def shard(rows, examples, rank, world):
@@ -293,223 +242,297 @@ def check_run_dir(run_dir: Path, resume: bool, resolved: dict):
         check_resume(run_dir, resolved)
 
 
-def main(argv):
-    if {"-h", "--help"} & set(argv):
-        print(data.cli_help(__doc__, SECTIONS))
-        return None
-    if not argv or argv[0].startswith("-"):
-        raise ValueError(f"{'missing CONFIG' if not argv else f'unknown option {argv[0]}'}: usage: "
-                         f"python train.py CONFIG [section.key=value ...] (--help lists the keys)")
-    # --- config: every check that needs no data runs before the config is printed -----------------
-    cfg = data.load_config(argv[0], argv[1:], SECTIONS)
-    tcfg, mcfg, ecfg = cfg["train"], cfg["model"], cfg["eval"]
-    check_train_config(tcfg)
-    evaluate.check_eval_config(ecfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# The phases of a run, in order; each reads and writes the Run they share
+
+class Run:
+    """What the phases share. setup: the configs, the run folder, this process's rank, world size and device,
+    the dataset. prepare: split, SIDs (codes, their settings and health), rationale words, tokens, trie, the
+    training examples (refit: with the validation targets), the validation users. build: model, optimizer,
+    the training forward (train_loss) and autocast. fit: the counters below, saved in last.pt."""
+
+    def __init__(self, cfg: dict, run_dir: Path, rank: int, world: int, device: str):
+        self.cfg, self.run_dir, self.rank, self.world, self.device = cfg, run_dir, rank, world, device
+        self.tcfg, self.mcfg, self.ecfg = cfg["train"], cfg["model"], cfg["eval"]
+        self.resolved = {name: asdict(section) for name, section in cfg.items()}   # written as config.yaml
+        self.step = self.refit_step = self.bad_evals = self.train_tokens = 0   # optimizer steps; tokens trained on
+        self.best, self.train_seconds = -1.0, 0.0      # best validation eval.select; seconds in training steps
+        self.stop = False                              # early stop (train.patience)
+        self.tokens, self.t_log = 0, 0.0               # tokens since the last loss record, and its time
+
+
+def parse_args(argv) -> tuple[dict, Path]:
+    """The config (every check that needs no data) and the run folder, from the command line."""
+    parser = common.Parser(__doc__, SECTIONS, prog="train.py")
+    parser.add_argument("config", metavar="CONFIG")
+    parser.add_argument("overrides", nargs="*", default=[], metavar="section.key=value")
+    args = parser.parse_args(argv)
+    cfg = common.load_config(args.config, args.overrides, SECTIONS)
+    check_train_config(cfg["train"])
+    evaluate.check_eval_config(cfg["eval"])
     data.check_data_config(cfg["data"])
-    tcfg.name = tcfg.name or Path(argv[0]).stem
-    run_dir = Path(tcfg.out_dir) / tcfg.name
-    resolved = {name: asdict(section) for name, section in cfg.items()}
-    rank, world, device = init_distributed(pick_device(tcfg.device))
-    last_path = run_dir / "last.pt"
-    check_run_dir(run_dir, tcfg.resume, resolved)
-    if cfg["data"].source == "amazon":
-        data.find_files(cfg["data"])   # a missing folder or file is named now, not after the config dump
-    print(yaml.safe_dump(resolved, sort_keys=False))
-    if tcfg.threads:
-        torch.set_num_threads(tcfg.threads)
-    random.seed(tcfg.seed)
-    np.random.seed(tcfg.seed)
-    torch.manual_seed(tcfg.seed)
+    cfg["train"].name = cfg["train"].name or Path(args.config).stem
+    return cfg, Path(cfg["train"].out_dir) / cfg["train"].name
 
-    # --- data and Semantic IDs -----------------------------------------------------------------
+
+def setup(argv) -> Run:
+    """Config, run folder and data checked (a user error is one line before anything is printed), then the
+    config printed and the seeds set."""
+    cfg, run_dir = parse_args(argv)
+    run = Run(cfg, run_dir, *init_distributed(pick_device(cfg["train"].device)))
+    check_run_dir(run_dir, run.tcfg.resume, run.resolved)
     t0 = time.time()
-    ds = data.load_dataset(cfg["data"])
-    split = data.leave_one_out(ds.sequences, cfg["data"].max_history)
-    print(f"data: {data.summary(ds)} ({time.time() - t0:.1f}s)")
-    if rank > 0:
-        dist.barrier()  # rank 0 builds (or loads) the cached SID table first, then the others load it
-    codes, sid_settings, sid_health = sid_table(cfg, ds, Path(tcfg.sid_cache))
-    if world > 1 and rank == 0:
-        dist.barrier()
-    print(f"SIDs: {json.dumps(sid_health)}")
-    words = pauserec.rationale_words(ds.item_meta, mcfg.rationale_file) if mcfg.reasoning == "cot" else []
-    if mcfg.backbone != "scratch":
-        fetch_hf(mcfg)
-    tok = pauserec.make_tokens(mcfg, codes, words, ds.item_meta)
-    trie = pauserec.SIDTrie(codes)
-    rng = random.Random(tcfg.seed)
-    examples = training_examples(tok, mcfg, ds, split, cfg["data"].max_history, rng)
-    refit_examples = training_examples(tok, mcfg, ds, split, cfg["data"].max_history, rng, refit=True) \
-        if tcfg.refit_epochs else []
-    valid = split["valid"]
-    if 0 < ecfg.valid_users < len(valid):   # a fixed sample, the same at every validation
-        valid = [valid[i] for i in sorted(random.Random(tcfg.seed).sample(range(len(valid)), ecfg.valid_users))]
+    run.ds = data.load_dataset(cfg["data"])   # a missing file, malformed line or failed download ends here
+    seconds = time.time() - t0
+    if run.mcfg.backbone != "scratch":
+        backbones.fetch_hf(run.mcfg)
+    print(yaml.safe_dump(run.resolved, sort_keys=False))
+    print(f"data: {data.summary(run.ds)} ({seconds:.1f}s)")
+    if run.tcfg.threads:
+        torch.set_num_threads(run.tcfg.threads)
+    random.seed(run.tcfg.seed)
+    np.random.seed(run.tcfg.seed)
+    torch.manual_seed(run.tcfg.seed)
+    return run
 
-    # --- model and optimizer -------------------------------------------------------------------
-    model = pauserec.make_model(mcfg, tok).to(device)   # gpt2: pretrained weights, our tokens' rows appended
-    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocabulary {tok.size}")
+
+def prepare(run: Run):
+    """Split, SID table, tokens, trie, training examples (built once) and the validation users."""
+    tcfg, mcfg, ds = run.tcfg, run.mcfg, run.ds
+    run.split = data.leave_one_out(ds.sequences, run.cfg["data"].max_history)
+    if run.rank > 0:
+        dist.barrier()  # rank 0 builds (or loads) the cached SID table first, then the others load it
+    run.codes, run.sid_settings, run.sid_health = sid_table(run.cfg, ds, Path(tcfg.sid_cache))
+    if run.world > 1 and run.rank == 0:
+        dist.barrier()
+    print(f"SIDs: {json.dumps(run.sid_health)}")
+    run.words = rationales.rationale_words(ds.item_meta, mcfg.rationale_file) if mcfg.reasoning == "cot" else []
+    run.tok = backbones.make_tokens(mcfg, run.codes, run.words, ds.item_meta)
+    run.trie = pauserec.SIDTrie(run.codes)
+    rng = random.Random(tcfg.seed)
+    max_history = run.cfg["data"].max_history
+    run.examples = training_examples(run.tok, mcfg, ds, run.split, max_history, rng)
+    run.refit_examples = training_examples(run.tok, mcfg, ds, run.split, max_history, rng, refit=True) \
+        if tcfg.refit_epochs else []
+    valid = run.split["valid"]
+    if 0 < run.ecfg.valid_users < len(valid):   # a fixed sample, the same at every validation
+        valid = [valid[i] for i in sorted(random.Random(tcfg.seed).sample(range(len(valid)), run.ecfg.valid_users))]
+    run.valid = valid
+
+
+def resume_from_last(run: Run):
+    """Model, optimizer, counters and RNG state from last.pt."""
+    last = run.run_dir / "last.pt"
+    state = torch.load(last, map_location=run.device, weights_only=False)
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.step, run.best, run.bad_evals = state["step"], state["best"], state["bad_evals"]
+    run.refit_step = state.get("refit_step", 0)
+    run.train_seconds, run.train_tokens = state["train_seconds"], state["train_tokens"]
+    ranks = state.get("rng_ranks") or []
+    set_rng_state(ranks[run.rank] if len(ranks) == run.world else state["rng"])
+    run.stop = bool(run.tcfg.patience and run.bad_evals >= run.tcfg.patience)   # it had stopped early
+    print(f"resumed from {last} at step {run.step}")
+
+
+def build(run: Run):
+    """Model (a backbone: pretrained weights, our tokens' rows appended), AdamW, the state of last.pt when
+    resuming, the training forward (optionally compiled and under DDP); then the run folder is written."""
+    tcfg = run.tcfg
+    model = run.model = backbones.make_model(run.mcfg, run.tok).to(run.device)
+    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocabulary {run.tok.size}")
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    wd = 0.0 if mcfg.train_only_new_tokens else tcfg.weight_decay  # decay would shrink the frozen GPT-2 rows
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": wd},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=tcfg.lr, betas=(0.9, 0.98))
-    steps_per_epoch = math.ceil(len(examples) / tcfg.batch_size)
-    total_steps = tcfg.epochs * steps_per_epoch
-    refit_steps_per_epoch = math.ceil(len(refit_examples) / tcfg.batch_size)
-    refit_total = tcfg.refit_epochs * refit_steps_per_epoch
-    step, refit_step, best, bad_evals, train_seconds, train_tokens = 0, 0, -1.0, 0, 0.0, 0
+    wd = 0.0 if run.mcfg.train_only_new_tokens else tcfg.weight_decay  # decay would shrink the frozen GPT-2 rows
+    run.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": wd},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=tcfg.lr, betas=(0.9, 0.98))
     if tcfg.resume:
-        state = torch.load(last_path, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        step, best, bad_evals = state["step"], state["best"], state["bad_evals"]
-        refit_step = state.get("refit_step", 0)
-        train_seconds, train_tokens = state["train_seconds"], state["train_tokens"]
-        ranks = state.get("rng_ranks") or []
-        set_rng_state(ranks[rank] if len(ranks) == world else state["rng"])
-        print(f"resumed from {last_path} at step {step}")
-    train_loss = BatchLoss(model)   # the training forward: model.loss, optionally compiled and under DDP
+        resume_from_last(run)
+    run.train_loss = BatchLoss(model)   # the training forward: pauserec.training_loss
     if tcfg.compile:
-        train_loss = torch.compile(train_loss)
-    if world > 1:
-        train_loss = torch.nn.parallel.DistributedDataParallel(train_loss)
-    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=tcfg.amp)
-
-    # --- the run folder: written only now that config, data and checkpoint have passed every check --
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run.train_loss = torch.compile(run.train_loss)
+    if run.world > 1:
+        run.train_loss = torch.nn.parallel.DistributedDataParallel(run.train_loss)
+    run.autocast = torch.autocast(run.device.split(":")[0], dtype=torch.bfloat16, enabled=tcfg.amp)
+    if run.rank == 0:   # written only now that config, data and checkpoint have passed every check
+        run.run_dir.mkdir(parents=True, exist_ok=True)
         if not tcfg.resume:
-            (run_dir / "log.jsonl").unlink(missing_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
-        sid.save_sids(run_dir / "sids.pt", codes, sid_settings, sid_health)
+            (run.run_dir / "log.jsonl").unlink(missing_ok=True)
+        (run.run_dir / "config.yaml").write_text(yaml.safe_dump(run.resolved, sort_keys=False))
+        sid.save_sids(run.run_dir / "sids.pt", run.codes, run.sid_settings, run.sid_health)
 
-    def checkpoint():
-        rngs = [rng_state()] * world
-        if world > 1:  # every rank's own dropout stream, so that a resumed DDP run replays them all
-            dist.all_gather_object(rngs, rng_state())
-        if rank == 0:
-            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                         "refit_step": refit_step, "best": best, "bad_evals": bad_evals, "train_seconds": train_seconds,
-                         "train_tokens": train_tokens, "rng": rng_state(), "rng_ranks": rngs}, last_path)
 
-    def log(record):
-        if rank == 0:
-            with open(run_dir / "log.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+def checkpoint(run: Run):
+    """last.pt: model, optimizer, counters and every rank's RNG state (a resumed DDP run replays them all)."""
+    rngs = [rng_state()] * run.world
+    if run.world > 1:
+        dist.all_gather_object(rngs, rng_state())
+    if run.rank == 0:
+        common.atomic_save({"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+                            "step": run.step, "refit_step": run.refit_step, "best": run.best,
+                            "bad_evals": run.bad_evals, "train_seconds": run.train_seconds,
+                            "train_tokens": run.train_tokens, "rng": rng_state(), "rng_ranks": rngs},
+                           run.run_dir / "last.pt")
 
-    def train_step(exs, rows, lr, counter, n, epoch):
-        """One optimizer step on rows of exs, the n-th of `counter` ("step" | "refit_step"); every log_every
-        steps the loss goes to the bar and log.jsonl."""
-        nonlocal train_seconds, train_tokens, tokens, t_log
-        t_step = time.time()
-        train_loss.train()
-        mine, weight = shard(rows, exs, rank, world)   # all rows when world == 1
-        ids, loss_mask = pauserec.collate([exs[i] for i in mine], tok.PAD)
-        ids, loss_mask = ids.to(device), loss_mask.to(device)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        with autocast:
-            loss = train_loss(ids, loss_mask)
-        optimizer.zero_grad(set_to_none=True)
-        (loss * weight).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-        optimizer.step()
-        real_tokens = sum(len(exs[i][0]) for i in rows)  # the whole batch, on every rank
-        tokens, train_tokens = tokens + real_tokens, train_tokens + real_tokens
-        train_seconds += time.time() - t_step
-        bar.update(1)
-        if n % tcfg.log_every == 0:
-            if world > 1:  # the whole batch's mean loss, as one process would log it
-                loss = (loss * weight).detach()
-                dist.all_reduce(loss)
-                loss /= world
-            rate = tokens / (time.time() - t_log)
-            bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:.0f}")
-            log({counter: n, "epoch": epoch, "loss": round(loss.item(), 4), "lr": lr, "tokens_per_s": round(rate)})
-            if not sys.stdout.isatty():   # a batch job's log: no bar there (tqdm hides it), so one line instead
-                print(f"{counter} {n}/{total_steps if counter == 'step' else refit_total} epoch {epoch} "
-                      f"loss {loss.item():.4f} lr {lr:.2e} tokens/s {rate:.0f}", flush=True)
-            tokens, t_log = 0, time.time()
 
-    # --- training loop -------------------------------------------------------------------------
-    eval_every = ecfg.every or steps_per_epoch
-    stop = bool(tcfg.patience and bad_evals >= tcfg.patience)   # a resumed run that had stopped early
-    bar = tqdm(total=total_steps + refit_total, initial=step + refit_step, desc="train",
-               disable=None if rank == 0 else True)
-    tokens, t_log = 0, time.time()
-    while step < total_steps and not stop:
-        epoch, skip = divmod(step, steps_per_epoch)
-        # The order of an epoch depends only on (seed, epoch): a resumed run replays it exactly.
-        order = batches(examples, tcfg.batch_size, torch.Generator().manual_seed(tcfg.seed * 1000 + epoch))
-        for rows in order[skip:]:
-            train_step(examples, rows, lr_at(step, total_steps, tcfg), "step", step + 1, epoch)
-            step += 1
-            if step % eval_every == 0 or step == total_steps:
-                metrics = evaluate.evaluate_model(model, tok, mcfg, trie, valid, ecfg, device, "valid", rank, world)
-                better = metrics[ecfg.select] > best
-                best, bad_evals = (metrics[ecfg.select], 0) if better else (best, bad_evals + 1)
-                if better and rank == 0:
-                    atomic_save({"model": model.state_dict(), "words": words,
-                                 "step": step}, run_dir / "model.pt")
-                log({"step": step, "epoch": epoch, "valid": metrics, "best": better})
-                tqdm.write(f"step {step} valid {json.dumps(metrics)}{'  (best)' if better else ''}")
-                checkpoint()
-                tokens, t_log = 0, time.time()
-                if tcfg.patience and bad_evals >= tcfg.patience:
-                    tqdm.write(f"early stop: {bad_evals} validations without improvement")
-                    stop = True
+def log(run: Run, record: dict):
+    if run.rank == 0:
+        with open(run.run_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+class Phase:
+    """One pass of the epoch loop: training (counter 'step', validation, early stop) or the refit on the
+    validation targets too (counter 'refit_step', no validation; its epochs number on after the main ones)."""
+
+    def __init__(self, run: Run, refit: bool):
+        tcfg = run.tcfg
+        self.refit, self.counter = refit, "refit_step" if refit else "step"
+        self.examples = run.refit_examples if refit else run.examples
+        self.steps_per_epoch = math.ceil(len(self.examples) / tcfg.batch_size)
+        self.total = (tcfg.refit_epochs if refit else tcfg.epochs) * self.steps_per_epoch
+        self.first_epoch = tcfg.epochs if refit else 0
+        self.lr_cfg = replace(tcfg, lr=tcfg.refit_lr) if refit else tcfg
+
+
+def train_step(run: Run, phase: Phase, rows, epoch: int):
+    """One optimizer step on rows of phase.examples; every log_every steps the loss goes to the bar and
+    log.jsonl (and, when stdout is no terminal, to a printed line)."""
+    t_step, n = time.time(), getattr(run, phase.counter) + 1
+    lr = lr_at(n - 1, phase.total, phase.lr_cfg)
+    run.train_loss.train()
+    mine, weight = shard(rows, phase.examples, run.rank, run.world)   # all rows when world == 1
+    ids, loss_mask = pauserec.collate([phase.examples[i] for i in mine], run.tok.PAD)
+    ids, loss_mask = ids.to(run.device), loss_mask.to(run.device)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    with run.autocast:
+        loss = run.train_loss(ids, loss_mask)
+    run.optimizer.zero_grad(set_to_none=True)
+    (loss * weight).backward()
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.tcfg.grad_clip)
+    run.optimizer.step()
+    real_tokens = sum(len(phase.examples[i][0]) for i in rows)  # the whole batch, on every rank
+    run.tokens, run.train_tokens = run.tokens + real_tokens, run.train_tokens + real_tokens
+    run.train_seconds += time.time() - t_step
+    setattr(run, phase.counter, n)
+    run.bar.update(1)
+    if n % run.tcfg.log_every == 0:
+        if run.world > 1:  # the whole batch's mean loss, as one process would log it
+            loss = (loss * weight).detach()
+            dist.all_reduce(loss)
+            loss /= run.world
+        rate = run.tokens / (time.time() - run.t_log)
+        run.bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:.0f}")
+        log(run, {phase.counter: n, "epoch": epoch, "loss": round(loss.item(), 4), "lr": lr,
+                  "tokens_per_s": round(rate)})
+        if not sys.stdout.isatty():   # a batch job's log: no bar there (tqdm hides it), so one line instead
+            print(f"{phase.counter} {n}/{phase.total} epoch {epoch} loss {loss.item():.4f} lr {lr:.2e} "
+                  f"tokens/s {rate:.0f}", flush=True)
+        run.tokens, run.t_log = 0, time.time()
+
+
+def validate(run: Run, epoch: int):
+    """Validation users' metrics; a better eval.select saves model.pt; last.pt after every validation."""
+    ecfg = run.ecfg
+    metrics = evaluate.evaluate_model(run.model, run.tok, run.mcfg, run.trie, run.valid, ecfg, run.device, "valid",
+                                      run.rank, run.world)
+    better = metrics[ecfg.select] > run.best
+    run.best, run.bad_evals = (metrics[ecfg.select], 0) if better else (run.best, run.bad_evals + 1)
+    if better and run.rank == 0:
+        common.atomic_save({"model": run.model.state_dict(), "words": run.words, "step": run.step},
+                           run.run_dir / "model.pt")
+    log(run, {"step": run.step, "epoch": epoch, "valid": metrics, "best": better})
+    tqdm.write(f"step {run.step} valid {json.dumps(metrics)}{'  (best)' if better else ''}")
+    checkpoint(run)
+    run.tokens, run.t_log = 0, time.time()
+    if run.tcfg.patience and run.bad_evals >= run.tcfg.patience:
+        tqdm.write(f"early stop: {run.bad_evals} validations without improvement")
+        run.stop = True
+
+
+def fit(run: Run, phase: Phase):
+    """The epoch loop. An epoch's order depends only on (seed, epoch): a resumed run replays it exactly."""
+    tcfg = run.tcfg
+    eval_every = run.ecfg.every or phase.steps_per_epoch
+    while getattr(run, phase.counter) < phase.total and not (run.stop and not phase.refit):
+        epoch, skip = divmod(getattr(run, phase.counter), phase.steps_per_epoch)
+        seed = tcfg.seed * 1000 + phase.first_epoch + epoch
+        for rows in batches(phase.examples, tcfg.batch_size, torch.Generator().manual_seed(seed))[skip:]:
+            train_step(run, phase, rows, phase.first_epoch + epoch)
+            if not phase.refit and (run.step % eval_every == 0 or run.step == phase.total):
+                validate(run, epoch)
+                if run.stop:
                     break
+        if phase.refit:
+            checkpoint(run)
 
-    # --- refit: the chosen checkpoint also learns the validation targets (no validation from here on) --
-    if world > 1:
-        dist.barrier()  # model.pt is written by rank 0
-    if refit_total and refit_step == 0:   # start: the checkpoint chosen on validation, a fresh optimizer
-        if rank == 0:
-            shutil.copyfile(run_dir / "model.pt", run_dir / "model_valid.pt")
-        model.load_state_dict(torch.load(run_dir / "model.pt", map_location=device, weights_only=True)["model"])
-        optimizer.state.clear()
-    refit_cfg = replace(tcfg, lr=tcfg.refit_lr)
-    while refit_step < refit_total:
-        epoch, skip = divmod(refit_step, refit_steps_per_epoch)
-        order = batches(refit_examples, tcfg.batch_size,   # refit epochs number on after the main ones
-                        torch.Generator().manual_seed(tcfg.seed * 1000 + tcfg.epochs + epoch))
-        for rows in order[skip:]:
-            train_step(refit_examples, rows, lr_at(refit_step, refit_total, refit_cfg),
-                       "refit_step", refit_step + 1, tcfg.epochs + epoch)
-            refit_step += 1
-        checkpoint()
-    # model.pt is replaced only once last.pt holds the refit's end: a resume never mistakes it for the chosen one
-    if refit_total and rank == 0:
-        chosen_step = torch.load(run_dir / "model_valid.pt", weights_only=True)["step"]
-        atomic_save({"model": model.state_dict(), "words": words, "step": chosen_step,
-                     "refit_epochs": tcfg.refit_epochs}, run_dir / "model.pt")
-    bar.close()
 
-    # --- validation (all users) of the chosen checkpoint; test, once, with model.pt -----------------
-    if world > 1:
+def refit(run: Run, phase: Phase):
+    """The checkpoint chosen on validation (model_valid.pt) trains on the validation targets too, with a fresh
+    optimizer; model.pt becomes the refit model once last.pt holds the refit's end (a resume never mistakes it
+    for the chosen one)."""
+    if run.world > 1:
         dist.barrier()  # model.pt is written by rank 0
-    best_state = torch.load(run_dir / "model.pt", map_location=device, weights_only=True)   # the model tested
-    chosen_state = torch.load(run_dir / "model_valid.pt", map_location=device, weights_only=True) \
-        if refit_total else best_state
-    model.load_state_dict(chosen_state["model"])
-    valid_full = evaluate.evaluate_model(model, tok, mcfg, trie, split["valid"], ecfg, device, "valid", rank, world)
-    model.load_state_dict(best_state["model"])
-    test = evaluate.evaluate_model(model, tok, mcfg, trie, split["test"], ecfg, device, "test", rank, world)
-    metrics = {"valid": valid_full, "test": test,
-               "baselines": evaluate.baseline_metrics(ds.sequences, "test", ecfg.ks),
-               "baselines_valid": evaluate.baseline_metrics(ds.sequences, "valid", ecfg.ks),
-               "train_seconds": round(train_seconds, 1), "train_tokens": train_tokens,
-               "best_step": best_state["step"], "steps": step, "steps_per_epoch": steps_per_epoch,
-               "refit_steps": refit_step, "ties": cfg["data"].ties,
-               "sid": sid_health}
-    if rank == 0:
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    print(evaluate.results_table({"model": test, **metrics["baselines"]}, ecfg.ks, run_dir / "metrics.json"))
-    print(json.dumps({"test": test, "markov": metrics["baselines"]["markov"], "run": str(run_dir)}))
+    if phase.total and run.refit_step == 0:
+        if run.rank == 0:
+            shutil.copyfile(run.run_dir / "model.pt", run.run_dir / "model_valid.pt")
+        chosen = torch.load(run.run_dir / "model.pt", map_location=run.device, weights_only=True)
+        run.model.load_state_dict(chosen["model"])
+        run.optimizer.state.clear()
+    fit(run, phase)
+    if phase.total and run.rank == 0:
+        chosen_step = torch.load(run.run_dir / "model_valid.pt", weights_only=True)["step"]
+        common.atomic_save({"model": run.model.state_dict(), "words": run.words, "step": chosen_step,
+                            "refit_epochs": run.tcfg.refit_epochs}, run.run_dir / "model.pt")
+
+
+def final_test(run: Run, training: Phase, refitting: Phase) -> dict:
+    """All validation users with the checkpoint chosen on validation; the test split, once, with model.pt (the
+    refit model when there is a refit); metrics.json, the results table and one JSON line."""
+    if run.world > 1:
+        dist.barrier()  # model.pt is written by rank 0
+    load = lambda name: torch.load(run.run_dir / name, map_location=run.device, weights_only=True)  # noqa: E731
+    tested = load("model.pt")
+    chosen = load("model_valid.pt") if refitting.total else tested
+    args = (run.tok, run.mcfg, run.trie)
+    run.model.load_state_dict(chosen["model"])
+    valid = evaluate.evaluate_model(run.model, *args, run.split["valid"], run.ecfg, run.device, "valid",
+                                    run.rank, run.world)
+    run.model.load_state_dict(tested["model"])
+    test = evaluate.evaluate_model(run.model, *args, run.split["test"], run.ecfg, run.device, "test",
+                                   run.rank, run.world)
+    sequences, ks = run.ds.sequences, run.ecfg.ks
+    metrics = {"valid": valid, "test": test, "baselines": evaluate.baseline_metrics(sequences, "test", ks),
+               "baselines_valid": evaluate.baseline_metrics(sequences, "valid", ks),
+               "train_seconds": round(run.train_seconds, 1), "train_tokens": run.train_tokens,
+               "best_step": tested["step"], "steps": run.step, "steps_per_epoch": training.steps_per_epoch,
+               "refit_steps": run.refit_step, "ties": run.cfg["data"].ties, "sid": run.sid_health}
+    metrics_path = run.run_dir / "metrics.json"
+    if run.rank == 0:
+        metrics_path.write_text(json.dumps(metrics, indent=1))
+    print(evaluate.results_table({"model": test, **metrics["baselines"]}, ks, metrics_path))
+    print(json.dumps({"test": test, "markov": metrics["baselines"]["markov"], "run": str(run.run_dir)}))
     return metrics
 
 
+def main(argv):
+    run = setup(argv)               # config, run folder and data checked; config printed; seeds set
+    prepare(run)                    # split, SIDs, tokens, trie, training examples
+    build(run)                      # model, optimizer (resumed from last.pt), run folder
+    training, refitting = Phase(run, refit=False), Phase(run, refit=True)
+    run.bar = tqdm(total=training.total + refitting.total, initial=run.step + run.refit_step, desc="train",
+                   disable=None if run.rank == 0 else True)
+    run.tokens, run.t_log = 0, time.time()
+    fit(run, training)              # training, validation, model.pt on a better eval.select, early stop
+    refit(run, refitting)           # the chosen checkpoint learns the validation targets too
+    run.bar.close()
+    return final_test(run, training, refitting)
+
+
 if __name__ == "__main__":
-    data.run_cli(main, sys.argv[1:])
+    common.run_cli(main, sys.argv[1:])
     if dist.is_initialized():
         dist.destroy_process_group()

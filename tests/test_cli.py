@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from test_train import TINY
 
+import common
 import data
 import evaluate
 import pauserec
@@ -71,7 +72,7 @@ def test_help_lists_every_key_with_default_and_meaning(script, keys):
 
 
 def test_field_comments_join_continuation_lines_and_skip_headings():
-    comments = data.field_comments(data.DataConfig)
+    comments = common.field_comments(data.DataConfig)
     assert comments["num_users"] == "users of the synthetic catalogue"   # not the '# synthetic catalogue' heading
     assert comments["max_history"] == "history cap (most recent items)"
     assert comments["meta_url"].startswith("where data.download fetches")   # a comment on the line below
@@ -118,10 +119,10 @@ def test_config_errors_name_the_file_or_the_override(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("model:\n  nonsense: 1\n")
     with pytest.raises(ValueError, match=r"c.yaml: unknown key 'model.nonsense'; valid keys") as e:
-        data.load_config(config, [], train.SECTIONS)
+        common.load_config(config, [], train.SECTIONS)
     assert "command line" not in str(e.value)
     with pytest.raises(ValueError, match=r"^command line: train.epochs must be int, got 'x' \(from train.epochs=x\)"):
-        data.load_config(ROOT / DEMO, ["train.epochs=x"], train.SECTIONS)
+        common.load_config(ROOT / DEMO, ["train.epochs=x"], train.SECTIONS)
     with pytest.raises(FileNotFoundError, match="train.resume=true but .*last.pt does not exist"):
         train.main([str(ROOT / DEMO), "train.resume=true", f"train.out_dir={tmp_path / 'runs'}"])
     assert not (tmp_path / "runs").exists()
@@ -132,19 +133,19 @@ def test_run_cli_one_line_or_traceback_on_request(monkeypatch, capsys):
     exception itself; a bug (not a user error) keeps its traceback."""
     monkeypatch.delenv("PAUSEREC_TRACEBACK", raising=False)
     with pytest.raises(SystemExit) as e:
-        data.run_cli(train.main, [str(ROOT / DEMO), "train.epochs=three"])
+        common.run_cli(train.main, [str(ROOT / DEMO), "train.epochs=three"])
     assert e.value.code == 2
     assert capsys.readouterr().err == ("error: command line: train.epochs must be int, got 'three' "
                                        "(from train.epochs=three)\n")
     monkeypatch.setenv("PAUSEREC_TRACEBACK", "1")
     with pytest.raises(ValueError, match="train.epochs must be int"):
-        data.run_cli(train.main, [str(ROOT / DEMO), "train.epochs=three"])
+        common.run_cli(train.main, [str(ROOT / DEMO), "train.epochs=three"])
 
     def bug(argv):
         raise KeyError("a bug")
     monkeypatch.delenv("PAUSEREC_TRACEBACK")
     with pytest.raises(KeyError):
-        data.run_cli(bug, [])
+        common.run_cli(bug, [])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
 import data  # noqa: E402
 
 # The real Beauty files, for the tests that need them (skipped where absent): PAUSEREC_BEAUTY_DIR, or a copy
@@ -313,7 +314,7 @@ def test_download_complete_and_used(tmp_path, server):
     files = {n: (tmp_path / "src" / n).read_bytes() for n in ("reviews_Test_5.json.gz", "meta_Test.json.gz")}
     cache = tmp_path / "cache"
     Handler.body = files["reviews_Test_5.json.gz"]
-    data.download(server + "/r.json.gz", cache / "reviews_Test_5.json.gz")
+    common.download(server + "/r.json.gz", cache / "reviews_Test_5.json.gz")
     assert (cache / "reviews_Test_5.json.gz").read_bytes() == files["reviews_Test_5.json.gz"]
     cfg = data.DataConfig(category="Test", cache_dir=str(cache), download=True,
                           meta_url=(tmp_path / "src").as_uri() + "/meta_{category}.json.gz")  # file://
@@ -338,10 +339,10 @@ def test_download_failure_leaves_nothing(tmp_path, server, path, match):
 def test_download_file_url_and_sha256(tmp_path):
     src = tmp_path / "w.bin"
     src.write_bytes(b"weights" * 1000)
-    dest = data.download(src.as_uri(), tmp_path / "out" / "w.bin", desc="w")
+    dest = common.download(src.as_uri(), tmp_path / "out" / "w.bin", desc="w")
     assert dest.read_bytes() == src.read_bytes()
     with pytest.raises(OSError, match="sha256 mismatch"):
-        data.download(src.as_uri(), tmp_path / "out2" / "w.bin", sha256="0" * 64)
+        common.download(src.as_uri(), tmp_path / "out2" / "w.bin", sha256="0" * 64)
     assert list((tmp_path / "out2").iterdir()) == []
 
 

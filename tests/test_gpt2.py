@@ -26,6 +26,7 @@ from test_train import tiny_args  # noqa: E402
 
 import backbones as bb  # noqa: E402
 import bench  # noqa: E402
+import bpe  # noqa: E402
 import evaluate  # noqa: E402
 import pauserec as pr  # noqa: E402
 import train  # noqa: E402
@@ -70,9 +71,9 @@ def write_safetensors(path, tensors, metadata=None):
 
 def train_bpe(corpus: str, num_merges: int):
     """A small byte-level BPE vocabulary (GPT-2's recipe): count pairs in pre-tokens, merge the commonest."""
-    b2u = bb.bytes_to_unicode()
+    b2u = bpe.bytes_to_unicode()
     words = collections.Counter(tuple(b2u[b] for b in piece.encode()) for piece in
-                                bb.gpt2_pretokenizer().findall(corpus))
+                                bpe.gpt2_pretokenizer().findall(corpus))
     vocab = list(b2u.values())
     merges = []
     for _ in range(num_merges):
@@ -149,7 +150,7 @@ def train_trainable(model, tok, cfg, steps, **adamw):
     batch = pr.collate([pr.build_example(tok, cfg, [0, 1], 3), pr.build_example(tok, cfg, [2], 4)], tok.PAD)
     for _ in range(steps):
         opt.zero_grad()
-        model.loss(*batch).backward()
+        pr.training_loss(model, *batch).backward()
         opt.step()
 
 
@@ -158,7 +159,7 @@ def gpt2_setup(folder, **kw):
     codes = torch.tensor([[0, 1, 0], [1, 0, 2], [1, 2, 1], [2, 2, 0], [0, 0, 1]])
     meta = [{"title": t} for t in ("Nail polish top coat", "Lip gloss, 12 pack", None, "Crème brûlée mask",
                                    "Waterproof mascara")]
-    tok = pr.make_tokens(cfg, codes, (), meta)
+    tok = bb.make_tokens(cfg, codes, (), meta)
     return cfg, tok, codes, meta
 
 
@@ -196,7 +197,7 @@ def test_load_gpt2_maps_names_and_transposes_conv1d(tmp_path, prefix, fmt, buffe
     sd, hf = bb.hf_state_dict(bb.read_checkpoint(folder), bb.read_config(folder)), bb.hf_config(folder)
     assert (hf["family"], hf["n_layer"], hf["pos"], hf["tie_head"]) == ("gpt2", 2, "learned", True)
     cfg, tok, _, _ = gpt2_setup(folder)
-    model = pr.make_model(cfg, tok)
+    model = bb.make_model(cfg, tok)
     ours = model.state_dict()
     assert set(sd) | {"lm_head.weight"} == set(ours)
     assert ours["transformer.h.1.attn.c_attn.weight"].shape == (96, 32)    # nn.Linear [out, in]
@@ -220,13 +221,13 @@ def test_config_checks(tmp_path):
     folder = write_checkpoint(tmp_path / "ckpt")
     cfg, tok, _, _ = gpt2_setup(folder)
     with pytest.raises(ValueError, match="max_len=65 exceeds the 64 positions"):
-        pr.make_model(pr.ModelConfig(backbone="gpt2", hf_dir=str(folder), max_len=65), tok)
+        bb.make_model(pr.ModelConfig(backbone="gpt2", hf_dir=str(folder), max_len=65), tok)
     with pytest.raises(ValueError, match="model.backbone=llama but .* holds a gpt2 model"):
-        pr.make_model(pr.ModelConfig(backbone="llama", hf_dir=str(folder), max_len=64), tok)
+        bb.make_model(pr.ModelConfig(backbone="llama", hf_dir=str(folder), max_len=64), tok)
     conf = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps(dict(conf, activation_function="relu")))
     with pytest.raises(ValueError, match="activation_function"):
-        pr.make_model(cfg, tok)
+        bb.make_model(cfg, tok)
     with pytest.raises(FileNotFoundError, match="config.json"):
         bb.hf_config(tmp_path / "nowhere")
 
@@ -251,7 +252,7 @@ def test_logits_match_transformers(tmp_path, fmt):
         ref.config.save_pretrained(str(folder))
         torch.save(ref.state_dict(), folder / "pytorch_model.bin")
     cfg, tok, _, _ = gpt2_setup(folder)
-    ours = pr.make_model(cfg, tok).eval()
+    ours = bb.make_model(cfg, tok).eval()
     ids = torch.randint(0, V, (3, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = ref(ids).logits
@@ -276,16 +277,16 @@ def many_strings():
 
 def test_bpe_round_trip_and_pretokens(tmp_path):
     write_tokenizer(tmp_path)
-    bpe = bb.load_tokenizer(tmp_path)
+    text = bpe.load_tokenizer(tmp_path)
     for s in many_strings():
-        assert bpe.decode(bpe.encode(s)) == s, repr(s)
-    pat = bb.gpt2_pretokenizer()
+        assert text.decode(text.encode(s)) == s, repr(s)
+    pat = bpe.gpt2_pretokenizer()
     assert pat.findall("Hello world's  café 12 ½Ⅻ x²!!  \n\n  end  ") == [
         "Hello", " world", "'s", " ", " café", " 12", " ½Ⅻ", " x", "²", "!!", "  \n\n ", " end", "  "]
     assert pat.findall("It'S don't") == ["It", "'", "S", " don", "'t"]   # contractions are lower case only
     assert pat.findall("a\x1cb") == ["a", "\x1c", "b"]                  # \x1c is not White_Space
-    assert bpe.decode([bpe.encoder["Ġ"]]) == " "
-    assert bpe.decode([bpe.encoder[bb.bytes_to_unicode()[0xC3]]]) == "\ufffd"   # half a character: replaced
+    assert text.decode([text.encoder["Ġ"]]) == " "
+    assert text.decode([text.encoder[bpe.bytes_to_unicode()[0xC3]]]) == "\ufffd"   # half a character: replaced
 
 
 def test_pretokenizer_classes_equal_regex_module():
@@ -293,20 +294,20 @@ def test_pretokenizer_classes_equal_regex_module():
     regex = pytest.importorskip("regex")
     # exact for the code points this Python's Unicode version has assigned
     text = "".join(chr(c) for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) not in ("Cn", "Cs"))
-    pat = bb.gpt2_pretokenizer().pattern
+    pat = bpe.gpt2_pretokenizer().pattern
     L = pat[pat.index(" ?[") + 2: pat.index("]+|")] + "]"
     for ours, theirs in ((L, r"\p{L}"), (r"[\t-\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]", r"\s")):
         assert re.findall(ours, text) == regex.findall(theirs, text), theirs
     ref = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+""")
     for s in many_strings():
-        assert bb.gpt2_pretokenizer().findall(s) == ref.findall(s), repr(s)
+        assert bpe.gpt2_pretokenizer().findall(s) == ref.findall(s), repr(s)
 
 
 def test_tokenizer_matches_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     write_tokenizer(tmp_path)
     ref = transformers.GPT2Tokenizer.from_pretrained(str(tmp_path))
-    ours = bb.load_tokenizer(tmp_path)
+    ours = bpe.load_tokenizer(tmp_path)
     strings = many_strings()
     assert len(strings) > 300
     for s in strings:
@@ -334,8 +335,8 @@ def test_titled_prompt_and_oldest_first_truncation(tmp_path):
     folder = write_checkpoint(tmp_path / "ckpt")
     cfg, tok, codes, meta = gpt2_setup(folder, prompt="sids+titles", reasoning="pause", num_pauses=2,
                                        pause_layout="target", max_len=64)
-    bpe = bb.load_tokenizer(folder)
-    assert tok.item_titles[0] == bpe.encode(" Nail polish top coat")[: cfg.max_title_len]
+    text = bpe.load_tokenizer(folder)
+    assert tok.item_titles[0] == text.encode(" Nail polish top coat")[: cfg.max_title_len]
     assert tok.item_titles[2] == []                                        # no title
     ids, mask = pr.build_example(tok, cfg, [0, 2], 4)
     want = [tok.BOS] + tok.item_titles[0] + tok.sid(0) + tok.sid(2) + [tok.PAUSE] * 2 + tok.sid(4)
@@ -359,7 +360,7 @@ def test_titled_prompt_and_oldest_first_truncation(tmp_path):
 def test_train_only_new_tokens_freezes_pretrained_weights(tmp_path):
     folder = write_checkpoint(tmp_path / "ckpt")
     cfg, tok, _, _ = gpt2_setup(folder, prompt="sids+titles", train_only_new_tokens=True)
-    model = pr.make_model(cfg, tok)
+    model = bb.make_model(cfg, tok)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["new_rows"]   # our rows, apart
     assert model.transformer.wte.weight.shape[0] == tok.base and model.new_rows.shape[0] == tok.size - tok.base
@@ -378,9 +379,9 @@ def test_train_only_new_tokens_freezes_pretrained_weights(tmp_path):
 def test_rationale_words_start_as_their_text_tokens_mean_row(tmp_path):
     folder = write_checkpoint(tmp_path / "gpt2")
     cfg = pr.ModelConfig(backbone="gpt2", hf_dir=str(folder), max_len=64, reasoning="cot", pause_layout="target")
-    tok = pr.make_tokens(cfg, torch.tensor([[0, 1], [1, 0]]), ["polish", "brand", "opi"])
-    wte = pr.make_model(cfg, tok).transformer.wte.weight.detach()
-    text = bb.load_tokenizer(folder)
+    tok = bb.make_tokens(cfg, torch.tensor([[0, 1], [1, 0]]), ["polish", "brand", "opi"])
+    wte = bb.make_model(cfg, tok).transformer.wte.weight.detach()
+    text = bpe.load_tokenizer(folder)
     for w in tok.words:
         assert torch.allclose(wte[tok.word_index[w]], wte[text.encode(" " + w)].mean(0)), w
     assert torch.allclose(wte[tok.PAUSE], wte[: tok.base].mean(0))      # every other new row: the mean row
@@ -400,22 +401,22 @@ def test_fetch_hf_folder_from_local_http_server(tmp_path):
         url = f"http://127.0.0.1:{server.server_address[1]}"
         cfg = pr.ModelConfig(backbone="gpt2", hf_dir=str(tmp_path / "local"), hf_url=url + "/",
                              prompt="sids+titles")
-        train.fetch_hf(cfg)
+        bb.fetch_hf(cfg)
         for name in ("config.json", "vocab.json", "merges.txt", "model.safetensors"):
             assert (tmp_path / "local" / name).read_bytes() == (src / name).read_bytes(), name
-        train.fetch_hf(cfg)  # all there: nothing to do
+        bb.fetch_hf(cfg)  # all there: nothing to do
         broken = pr.ModelConfig(backbone="gpt2", hf_dir=str(tmp_path / "other"), hf_url=url + "/missing")
         with pytest.raises(OSError, match="fetching it failed"):
-            train.fetch_hf(broken)
+            bb.fetch_hf(broken)
         assert not any((tmp_path / "other").iterdir())                        # no partial files
     finally:
         server.shutdown()
         server.server_close()
     offline = pr.ModelConfig(backbone="gpt2", hf_dir=str(tmp_path / "x"), hf_url=url)   # server is gone
     with pytest.raises(OSError, match="offline"):
-        train.fetch_hf(offline)
+        bb.fetch_hf(offline)
     with pytest.raises(FileNotFoundError, match="model.hf_url"):
-        train.fetch_hf(pr.ModelConfig(backbone="gpt2", hf_dir=str(tmp_path / "y")))
+        bb.fetch_hf(pr.ModelConfig(backbone="gpt2", hf_dir=str(tmp_path / "y")))
 
 
 
@@ -431,7 +432,7 @@ def test_fetch_hf_takes_tokenizer_json_and_the_shards_the_index_names(tmp_path):
     try:
         cfg = pr.ModelConfig(backbone="gpt2", hf_dir=str(tmp_path / "local"), prompt="sids+titles",
                              hf_url=f"http://127.0.0.1:{server.server_address[1]}")
-        train.fetch_hf(cfg)
+        bb.fetch_hf(cfg)
     finally:
         server.shutdown()
         server.server_close()
@@ -467,8 +468,8 @@ def test_beam_search_matches_transformers_generate(tmp_path):
     codes = torch.unique(torch.stack([torch.randint(0, s, (60,), generator=g) for s in (4, 5, 6)], 1), dim=0)
     meta = [{"title": f"item {i} " + ("gloss" if i % 2 else "polish")} for i in range(len(codes))]
     cfg = pr.ModelConfig(backbone="gpt2", hf_dir=str(folder), max_len=64, prompt="sids+titles", num_pauses=2)
-    tok = pr.make_tokens(cfg, codes, (), meta)
-    model = pr.make_model(cfg, tok).eval()
+    tok = bb.make_tokens(cfg, codes, (), meta)
+    model = bb.make_model(cfg, tok).eval()
     with torch.no_grad():  # distinct new rows, so that items get clearly different scores
         model.transformer.wte.weight[tok.base:] += torch.randn(tok.size - tok.base, 32, generator=g) * 0.5
     ref = bench.to_hf_gpt2(model, tok)   # raises if a weight does not map
@@ -499,7 +500,7 @@ def test_gpt2_backbone_latent_and_distinct_pauses(tmp_path):
     for kw in ({"reasoning": "latent", "latent_steps": 2}, {"reasoning": "pause", "pause_embeddings": "distinct"}):
         cfg, tok, codes, _ = gpt2_setup(folder, prompt="sids+titles", train_only_new_tokens=True, max_len=96,
                                         pause_layout="target", num_pauses=2, **kw)
-        model = pr.make_model(cfg, tok)
+        model = bb.make_model(cfg, tok)
         own = "reasoning_pos" if cfg.reasoning == "latent" else "pause_slots"
         assert {n for n, p in model.named_parameters() if p.requires_grad} == {"new_rows", own}
         with torch.no_grad():   # our rows all start as GPT-2's mean row: make the items' scores differ
@@ -511,5 +512,5 @@ def test_gpt2_backbone_latent_and_distinct_pauses(tmp_path):
             ref_scores, ref_items = pr.score_items(model, tok, cfg, p, range(5)).sort(descending=True)
             assert items[b].tolist() == ref_items.tolist() and torch.allclose(scores[b], ref_scores, atol=1e-5)
         batch = pr.collate([pr.build_example(tok, cfg, [0, 1], 3), pr.build_example(tok, cfg, [2], 4)], tok.PAD)
-        model.loss(*batch).backward()
+        pr.training_loss(model, *batch).backward()
         assert getattr(model, own).grad.abs().sum() > 0

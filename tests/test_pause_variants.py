@@ -4,6 +4,7 @@ ablations knock out what they say."""
 import contextlib
 import io
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from test_pauserec import histories, setup
 from test_train import tiny_args
 
 import evaluate
+import model as mdl
 import pauserec as pr
 import train
 
@@ -22,7 +24,7 @@ def test_draft_targets_are_every_pause_but_the_last_before_a_supervised_item():
     cfg, tok, model, trie, codes = setup(5, M=3, layout="every_item", step_loss="draft")
     items, M, L = [3, 0, 7, 2], 3, 3
     ids, mask = pr.build_sequence_example(tok, cfg, items)
-    where, first = pr.draft_targets(torch.tensor([ids]), torch.tensor([mask]), tok.PAUSE)
+    where, first = mdl.draft_targets(torch.tensor([ids]), torch.tensor([mask]), tok.PAUSE)
     # item k's pauses start at 1 + k (M + L); the first item is not supervised, so it gets no draft either
     expect = [1 + k * (M + L) + j for k in range(1, 4) for j in range(M - 1)]
     assert where[0].nonzero().flatten().tolist() == expect
@@ -30,11 +32,11 @@ def test_draft_targets_are_every_pause_but_the_last_before_a_supervised_item():
     # target layout: only the run before the target; M = 1 has no draft position at all
     cfg.pause_layout = "target"
     ids, mask = pr.build_example(tok, cfg, items[:-1], items[-1])
-    where, first = pr.draft_targets(torch.tensor([ids]), torch.tensor([mask]), tok.PAUSE)
+    where, first = mdl.draft_targets(torch.tensor([ids]), torch.tensor([mask]), tok.PAUSE)
     assert where[0].nonzero().flatten().tolist() == [len(ids) - L - M, len(ids) - L - M + 1]
-    ids, mask = pr.build_example(tok, pr.ModelConfig(reasoning="pause", num_pauses=1, pause_layout="target"),
+    ids, mask = pr.build_example(tok, mdl.ModelConfig(reasoning="pause", num_pauses=1, pause_layout="target"),
                                  items[:-1], items[-1])
-    assert not pr.draft_targets(torch.tensor([ids]), torch.tensor([mask]), tok.PAUSE)[0].any()
+    assert not mdl.draft_targets(torch.tensor([ids]), torch.tensor([mask]), tok.PAUSE)[0].any()
 
 
 @pytest.mark.parametrize("layout", ["every_item", "target"])
@@ -59,7 +61,7 @@ def test_draft_loss_is_sid_loss_plus_weighted_draft_cross_entropy(layout):
     assert len(draft) > 0
     expect = sid_loss + 0.7 * torch.stack(draft).mean()
     assert torch.allclose(model.loss(ids, mask), expect, atol=1e-5)
-    cfg.step_loss_weight = 0.0   # weight 0: the plain pause loss
+    model.cfg.step_loss_weight = 0.0   # weight 0: the plain pause loss (the model holds its own resolved cfg)
     assert torch.allclose(model.loss(ids, mask), sid_loss, atol=1e-5)
 
 
@@ -86,7 +88,7 @@ def test_progressive_loss_adds_annealed_step_losses():
             logits = model.logits(states[k]) / temp ** (K - 1 - k)
             steps.append(F.cross_entropy(logits[None].float(), torch.tensor([tok.sid(t)[0]])))
     expect = torch.stack(main).mean() + w * torch.stack(steps).mean()
-    assert torch.allclose(model.loss(ids, mask), expect, atol=1e-5)
+    assert torch.allclose(pr.training_loss(model, ids, mask), expect, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", [dict(reasoning="pause", M=3, layout="every_item", step_loss="draft"),
@@ -100,7 +102,7 @@ def test_step_losses_train_and_full_beam_stays_exact(mode):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for _ in range(3):   # the variant's own weights, not the init's
         opt.zero_grad()
-        model.loss(ids, mask).backward()
+        pr.training_loss(model, ids, mask).backward()
         opt.step()
     prompts = [pr.build_prompt(tok, cfg, h) for h in hs]
     items, scores = pr.beam_search(model, tok, cfg, trie, prompts, beam_size=N, topk=N)
@@ -112,14 +114,19 @@ def test_step_losses_train_and_full_beam_stays_exact(mode):
 
 def test_step_loss_config_checks():
     with pytest.raises(ValueError, match="step_loss=draft needs model.reasoning=pause"):
-        pr.ModelConfig(reasoning="none", step_loss="draft")
+        mdl.ModelConfig(reasoning="none", step_loss="draft")
     with pytest.raises(ValueError, match="step_loss=progressive needs model.reasoning=latent"):
-        pr.ModelConfig(reasoning="pause", step_loss="progressive")
+        mdl.ModelConfig(reasoning="pause", step_loss="progressive")
     with pytest.raises(ValueError, match="step_temp"):
-        pr.ModelConfig(reasoning="pause", step_loss="draft", step_temp=0)
+        mdl.ModelConfig(reasoning="pause", step_loss="draft", step_temp=0)
 
 
 # ---------------------------------------------------------------------------------------------- ablations
+
+
+def ablated_search(model, tok, cfg, trie, prompts, N, how):
+    return pr.beam_search(model, tok, cfg, trie, prompts, beam_size=N, topk=N,
+                          prefill=partial(evaluate.ablated_prefill, how=how))
 
 
 def hidden_scores(model, tok, cfg, prompt, items):
@@ -135,18 +142,39 @@ def hidden_scores(model, tok, cfg, prompt, items):
     return torch.log_softmax(logits.float(), -1).gather(2, sids[..., None]).sum((1, 2))
 
 
-@pytest.mark.parametrize("layout", ["target", "every_item"])
+def latent_hidden_scores(model, tok, cfg, prompt, items):
+    """Reference for ablate=hide in latent mode without a cache: the K slots filled one full pass at a time with
+    the earlier steps masked as keys (each position still sees itself), then one pass over prompt + SID."""
+    K, Tp = cfg.latent_steps, len(prompt)
+    emb, keep = model.embed(torch.tensor([prompt])), torch.ones(1, Tp, dtype=torch.bool)
+    for k in range(K):
+        at = Tp - K + k
+        emb = emb.clone()
+        emb[:, at] = model.hidden(embeds=emb, key_mask=keep, positions=torch.arange(Tp)[None])[:, at - 1] \
+            + model.reasoning_pos[k]
+        keep[:, at] = False
+    sids = torch.tensor([tok.sid(i) for i in items])
+    embeds = torch.cat([emb.expand(len(items), -1, -1), model.embed(sids[:, :-1])], 1)
+    T = embeds.shape[1]
+    keep = torch.cat([keep, torch.ones(1, T - Tp, dtype=torch.bool)], 1).expand(len(items), T)
+    logits = model.logits(model.hidden(embeds=embeds, key_mask=keep, positions=torch.arange(T).expand(len(items), T)))
+    return torch.log_softmax(logits[:, Tp - 1:].float(), -1).gather(2, sids[..., None]).sum((1, 2))
+
+
+@pytest.mark.parametrize("layout", ["target", "every_item", "latent"])
 def test_hide_equals_masked_full_pass(layout):
-    cfg, tok, model, trie, codes = setup(6, M=2, layout=layout, n=40, sizes=(3, 4, 4, 2))
+    mode = dict(reasoning="latent", latent_steps=3) if layout == "latent" else dict(M=2, layout=layout)
+    cfg, tok, model, trie, codes = setup(6, n=40, sizes=(3, 4, 4, 2), **mode)
+    reference = latent_hidden_scores if layout == "latent" else hidden_scores
     model.eval()
     N, hs = len(codes), histories(6, len(codes))
     prompts = [pr.build_prompt(tok, cfg, h) for h in hs]
-    items, scores = pr.beam_search(model, tok, cfg, trie, prompts, beam_size=N, topk=N, ablate="hide")
+    items, scores = ablated_search(model, tok, cfg, trie, prompts, N, "hide")
     plain, _ = pr.beam_search(model, tok, cfg, trie, prompts, beam_size=N, topk=N)
     assert not torch.equal(items, plain)
     with torch.no_grad():
         for b, p in enumerate(prompts):
-            ref_scores, ref_items = hidden_scores(model, tok, cfg, p, list(range(N))).sort(descending=True)
+            ref_scores, ref_items = reference(model, tok, cfg, p, list(range(N))).sort(descending=True)
             assert items[b].tolist() == ref_items.tolist()
             assert torch.allclose(scores[b], ref_scores, atol=1e-5)
 
@@ -163,13 +191,13 @@ def test_shuffle_reads_the_next_prompts_slots(mode):
     same = [prompts[0]] * 3
     plain_same = pr.beam_search(model, tok, cfg, trie, same, beam_size=N, topk=N)
     assert all(torch.equal(a, b) for a, b in
-               zip(pr.beam_search(model, tok, cfg, trie, same, beam_size=N, topk=N, ablate="shuffle"), plain_same))
+               zip(ablated_search(model, tok, cfg, trie, same, N, "shuffle"), plain_same))
     _, plain = pr.beam_search(model, tok, cfg, trie, prompts, beam_size=N, topk=N)
-    for how in pr.ABLATIONS:
-        _, ablated = pr.beam_search(model, tok, cfg, trie, prompts, beam_size=N, topk=N, ablate=how)
+    for how in evaluate.ABLATIONS:
+        _, ablated = ablated_search(model, tok, cfg, trie, prompts, N, how)
         assert (ablated - plain).abs().max() > 1e-3, how
     with pytest.raises(ValueError, match=">= 2 prompts"):
-        pr.beam_search(model, tok, cfg, trie, prompts[:1], beam_size=N, topk=N, ablate="shuffle")
+        ablated_search(model, tok, cfg, trie, prompts[:1], N, "shuffle")
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +215,7 @@ def test_ablate_pauses_on_a_trained_run(tiny_pause_run, capsys):
     for split in ("valid", "test"):
         plain, hidden = result[f"{split}: as trained"], result[f"{split}: pauses hide"]
         assert any(abs(plain[k] - hidden[k]) > 0 for k in ("recall@10", "ndcg@10", "ndcg@5"))
-    with pytest.raises(ValueError, match="--ablate-pauses must be hide | shuffle"):
+    with pytest.raises(ValueError, match="invalid choice: 'zero'"):
         evaluate.main([str(run), "--ablate-pauses", "zero"])
 
 

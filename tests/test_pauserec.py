@@ -1,6 +1,7 @@
-"""Tests of pauserec.py: model, token layout, examples and loss masks, trie, constrained beam search."""
+"""Tests of pauserec.py: token layout, examples and loss masks, KV cache, trie, constrained beam search.
 
-import collections
+The decoder's own tests are in test_model.py, cot's rationales in test_rationales.py."""
+
 import os
 import random
 import sys
@@ -102,7 +103,7 @@ def test_trie_edge_cases_and_speed():
     assert len(t.leaf_item) == len(codes)
 
 
-# ---------------------------------------------------------------------------------------------- model
+# ---------------------------------------------------------------------------------------------- KV cache
 
 
 @ARCHS
@@ -117,75 +118,6 @@ def test_kv_cache_matches_recompute(arch):
     cached = torch.log_softmax(torch.cat(steps, 1), -1)
     assert torch.allclose(full, cached, atol=1e-5)
     assert not torch.allclose(full[:, 5], full[:, 6], atol=1e-3)  # the check is not vacuous
-
-
-@ARCHS
-def test_left_padding_does_not_change_logits(arch):
-    cfg, tok, model, _, _ = setup(2, **arch)
-    model.eval()
-    prompts = [[1, 7, 8, 9, 10, 3, 3], [1, 11, 3, 3], [1, 3]]
-    ids, mask = pr.left_pad(prompts)
-    batched = model(ids, key_mask=mask, select="last")
-    for i, p in enumerate(prompts):
-        alone = model(torch.tensor([p]), select="last")[0]
-        assert torch.allclose(batched[i], alone, atol=1e-5)
-
-
-def test_loss_helper_and_fast_path_agree():
-    cfg, tok, model, _, _ = setup(3)
-    ex = [pr.build_example(tok, cfg, h, 5) for h in histories(3, 20)]
-    ids, mask = pr.collate(ex)
-    a = model.loss(ids, mask)
-    b = pr.loss(model(ids), ids, mask)
-    assert torch.allclose(a, b, atol=1e-5)
-    assert a.item() > 0
-    a.backward()
-    assert model.transformer.wte.weight.grad.abs().sum() > 0
-
-
-def test_gpt2_parameter_layout():
-    cfg = pr.ModelConfig(n_layer=2, n_head=2, d_model=32)
-    names = set(dict(pr.GPT(cfg, 50).named_parameters()))
-    for n in ("transformer.wte.weight", "transformer.wpe.weight", "transformer.h.1.ln_1.weight",
-              "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.bias",
-              "transformer.h.0.ln_2.bias", "transformer.h.0.mlp.c_fc.weight",
-              "transformer.h.0.mlp.c_proj.weight", "transformer.ln_f.weight"):
-        assert n in names, n
-    m = pr.GPT(cfg, 50)
-    assert m.lm_head.weight is m.transformer.wte.weight
-    assert m.transformer.h[0].attn.c_attn.weight.shape == (96, 32)
-
-
-def test_llama_style_parameter_layout():
-    m = pr.GPT(pr.ModelConfig(n_layer=2, n_head=2, d_model=32, **LLAMA_STYLE), 50)
-    shapes = {n: tuple(t.shape) for n, t in m.state_dict().items()}
-    assert {n: s for n, s in shapes.items() if n.startswith("transformer.h.0.")} == {
-        "transformer.h.0.ln_1.weight": (32,), "transformer.h.0.ln_2.weight": (32,),
-        "transformer.h.0.attn.c_attn.weight": ((2 + 2 * 1) * 8, 32), "transformer.h.0.attn.c_attn.bias": (32,),
-        "transformer.h.0.attn.c_proj.weight": (32, 2 * 8), "transformer.h.0.attn.q_norm.weight": (8,),
-        "transformer.h.0.attn.k_norm.weight": (8,), "transformer.h.0.mlp.c_fc.weight": (2 * 48, 32),
-        "transformer.h.0.mlp.c_proj.weight": (32, 48)}
-    assert "transformer.wpe.weight" not in shapes and shapes["inv_freq"] == (4,)   # RoPE: no learned positions
-    assert m.lm_head.weight is not m.transformer.wte.weight
-    assert torch.allclose(m.inv_freq, 10000.0 ** -(torch.arange(0, 8, 2) / 8))
-
-
-def test_config_validation():
-    with pytest.raises(ValueError, match="model.reasoning"):
-        pr.ModelConfig(reasoning="think")
-    with pytest.raises(ValueError, match="model.d_model"):
-        pr.ModelConfig(d_model=30, n_head=4)
-    with pytest.raises(ValueError, match="model.n_layer"):
-        pr.ModelConfig(n_layer=0)
-    for kw, match in ((dict(norm="batchnorm"), "model.norm must be layernorm"), (dict(mlp="relu"), "model.mlp"),
-                      (dict(pos="alibi"), "model.pos"), (dict(head="ours"), "model.head"),
-                      (dict(n_kv_head=3), r"model.n_head \(4\) must divide by model.n_kv_head \(3\)"),
-                      (dict(pos="rope", head_dim=7), "even head width"), (dict(d_ff=-1), "model.d_ff"),
-                      (dict(norm_eps=0.0), "model.norm_eps"),
-                      (dict(keep_layers=1), "need a pretrained model.backbone")):
-        with pytest.raises(ValueError, match=match):
-            pr.ModelConfig(**kw)
-    pr.ModelConfig(d_model=30, n_head=4, head_dim=8)   # head_dim set: d_model need not divide
 
 
 # ---------------------------------------------------------------------------------------------- examples
@@ -345,45 +277,6 @@ def test_single_item_catalogue():
 # ---------------------------------------------------------------------------------------------- cot
 
 
-META = [
-    {"categories": [["Beauty", "Makeup", "Nails", "Nail Polish"], ["Beauty", "Top Coats"]], "brand": "OPI"},
-    {"categories": [["Beauty", "Skin Care", "Face", "Creams"]], "brand": None},
-    {"categories": [], "brand": "Dove"},
-    {"categories": [["Beauty", "Hair Care", "Shampoos"]], "brand": "Pantene"},
-]
-
-
-def test_rationale_template_noise_and_file(tmp_path):
-    assert pr.template_rationale(META[0]) == "category nail polish , top coats ; brand opi"
-    assert pr.template_rationale(META[1]) == "category creams"
-    assert pr.template_rationale(META[2]) == "brand dove"
-    words = pr.rationale_words(META)
-    assert "polish" in words and "pantene" in words and words == sorted(set(words))
-    tok = pr.Tokens([2], words, torch.tensor([[0], [1], [0], [1]]))
-    cfg = pr.ModelConfig(reasoning="cot", max_rationale_len=4)
-    rng = random.Random(0)
-    kept = pr.make_rationale(tok, cfg, 7, 0, META, rng)
-    assert kept == tok.word_ids("category nail polish ,")                   # capped to 4 words
-    cfg.rationale_noise = 1.0
-    others = {tuple(tok.word_ids(pr.template_rationale(m))[:4]) for m in META[1:]}
-    for _ in range(20):
-        assert tuple(pr.make_rationale(tok, cfg, 7, 0, META, rng)) in others   # always another item's
-    cfg.rationale_noise = 0.0
-    f = tmp_path / "r.jsonl"
-    f.write_text('{"key": "7:0", "rationale": "Brand OPI shampoos"}\n\n{"key": "8:1", "rationale": "x"}\n')
-    ext = pr.load_rationales(str(f))
-    assert pr.make_rationale(tok, cfg, 7, 0, META, rng, ext) == tok.word_ids("brand opi shampoos")
-    assert pr.make_rationale(tok, cfg, 9, 0, META, rng, ext) == kept          # no entry: template
-    cfg.rationale_file = str(f)
-    Ex = collections.namedtuple("Ex", "user history target")
-    assert pr.example_rationales(tok, cfg, [Ex(7, [1], 0), Ex(9, [1], 0)], META, rng) == [
-        tok.word_ids("brand opi shampoos"), kept]
-    assert "x" in pr.rationale_words(META, str(f)) and "x" not in words
-    f.write_text('{"rationale": "x"}\n')
-    with pytest.raises(ValueError, match="r.jsonl:1"):
-        pr.load_rationales(str(f))
-
-
 def test_cot_example_mask():
     tok = pr.Tokens([2, 3], ["a", "b"], torch.tensor([[0, 1], [1, 2]]))
     cfg = pr.ModelConfig(reasoning="cot", max_rationale_len=2)
@@ -486,7 +379,7 @@ def test_distinct_pause_slots_under_padding_and_kv_cache():
     model.eval()
     P = pr.Tokens.PAUSE
     ids = torch.tensor([[1, P, P, 7, 8, P, P, P, 9, P]])
-    slot = model.pause_slot_rows(ids, None, None)                        # slots 0 1 _ _ 0 1 0 _ 0
+    slot = model.pause_slot_rows(ids)                        # slots 0 1 _ _ 0 1 0 _ 0
     expect = [None, 0, 1, None, None, 0, 1, 0, None, 0]
     for t, j in enumerate(expect):
         assert torch.equal(slot[0, t], torch.zeros(cfg.d_model) if j is None else model.pause_slots[j])
@@ -532,7 +425,7 @@ def test_latent_prefill_kv_cache_equals_full_recompute():
                 emb = torch.cat([emb[:, :at], (state + model.reasoning_pos[k])[None, None], emb[:, at + 1:]], 1)
             full = model.lm_head(model.hidden(embeds=emb)[0, -1])
             assert torch.allclose(cached[b], full, atol=1e-5)
-            stateless = model(torch.tensor([p]), select="last")[0]         # the slots read as <pause> tokens
+            stateless = model(torch.tensor([p]), last=True)[0]         # the slots read as <pause> tokens
             assert not torch.allclose(full, stateless, atol=1e-3)           # the steps matter
 
 
@@ -552,7 +445,7 @@ def test_latent_full_beam_equals_exhaustive_and_loss_matches(seed):
     targets = [3, 0, 7]
     ids, mask = pr.collate([pr.build_example(tok, cfg, h, t) for h, t in zip(hs, targets)])
     model.eval()
-    loss = model.loss(ids, mask)
+    loss = pr.training_loss(model, ids, mask)
     expect = -sum(refs[b][t] for b, t in enumerate(targets)) / (len(targets) * tok.num_levels)
     assert torch.allclose(loss, expect, atol=1e-5)
     loss.backward()

@@ -51,8 +51,8 @@ def test_torchrun_ddp(tmp_path):
     run = ddp / "runs" / "demo"
     assert not list(run.glob("*.tmp"))
     got = json.loads((run / "metrics.json").read_text())
-    # Measured: the same test metrics to 1e-7 (weights differ by <1e-3 after 360 steps). One of the 300
-    # test users changing rank moves Recall@10 by 0.0033: allow 6.
+    # The same test metrics up to float rounding (DDP sums the gradients in another order). One of the 300
+    # test users changing rank moves Recall@10 by 1/300: allow 6.
     for key in ("recall@10", "ndcg@10"):
         assert got["test"][key] == pytest.approx(want["test"][key], abs=0.02), key
         assert got["test"][key] > 1.1 * got["baselines"]["mostpop"][key]

@@ -163,8 +163,8 @@ def test_main_prints_health_json(monkeypatch, capsys, tmp_path):
     t, cats = texts()
     fake = types.ModuleType("data")
     fake.DataConfig = object
-    fake.load_config = lambda path, overrides, sections, ignore=(): {
-        "data": None, "sid": sid.SIDConfig(**SMALL, method="rqkmeans")}
+    monkeypatch.setattr(sid.common, "load_config", lambda path, overrides, sections, ignore=(): {
+        "data": None, "sid": sid.SIDConfig(**SMALL, method="rqkmeans")})
     fake.load_dataset = lambda cfg: types.SimpleNamespace(item_text=t, item_meta=[{"category": c} for c in cats])
     monkeypatch.setitem(sys.modules, "data", fake)
     sid.main(["cfg.yaml", f"--out={tmp_path}/s.pt"])

@@ -6,6 +6,7 @@ import pytest
 import torch
 import yaml
 
+import common
 import data
 import evaluate
 import pauserec
@@ -35,30 +36,30 @@ def write(tmp_path, text):
 
 def test_config_unknown_key_lists_valid_keys(tmp_path):
     with pytest.raises(ValueError, match=r"unknown key 'model.num_pause'.*model.num_pauses"):
-        data.load_config(write(tmp_path, "model:\n  num_pause: 4\n"), [], train.SECTIONS)
+        common.load_config(write(tmp_path, "model:\n  num_pause: 4\n"), [], train.SECTIONS)
 
 
 def test_config_unknown_section_and_bad_override(tmp_path):
     with pytest.raises(ValueError, match="unknown section 'modle'"):
-        data.load_config(write(tmp_path, "modle: {}\n"), [], train.SECTIONS)
+        common.load_config(write(tmp_path, "modle: {}\n"), [], train.SECTIONS)
     with pytest.raises(ValueError, match="section.key=value"):
-        data.load_config(write(tmp_path, "{}\n"), ["epochs=3"], train.SECTIONS)
+        common.load_config(write(tmp_path, "{}\n"), ["epochs=3"], train.SECTIONS)
 
 
 def test_config_wrong_type(tmp_path):
     with pytest.raises(ValueError, match="train.epochs must be int"):
-        data.load_config(write(tmp_path, "train:\n  epochs: three\n"), [], train.SECTIONS)
+        common.load_config(write(tmp_path, "train:\n  epochs: three\n"), [], train.SECTIONS)
     with pytest.raises(ValueError, match=r"eval.ks\[1\] must be int"):
-        data.load_config(write(tmp_path, "{}\n"), ["eval.ks=[5, x]"], train.SECTIONS)
+        common.load_config(write(tmp_path, "{}\n"), ["eval.ks=[5, x]"], train.SECTIONS)
 
 
 def test_config_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
-        data.load_config(tmp_path / "nope.yaml", [], train.SECTIONS)
+        common.load_config(tmp_path / "nope.yaml", [], train.SECTIONS)
 
 
 def test_config_overrides_and_int_as_float(tmp_path):
-    cfg = data.load_config(write(tmp_path, "train:\n  lr: 1\n"), ["model.num_pauses=8", "data.dir=x/y"],
+    cfg = common.load_config(write(tmp_path, "train:\n  lr: 1\n"), ["model.num_pauses=8", "data.dir=x/y"],
                            train.SECTIONS)
     assert cfg["train"].lr == 1.0 and isinstance(cfg["train"].lr, float)
     assert cfg["model"].num_pauses == 8 and cfg["data"].dir == "x/y"
@@ -124,7 +125,7 @@ def test_sid_method_id_is_an_item_id_model_whose_beam_is_exact_top_k(tmp_path):
                                          beam_size=20, topk=10)
     with torch.no_grad():
         ids, key_mask = pauserec.left_pad(prompts, pad=tok.PAD)
-        logp = torch.log_softmax(model(ids, key_mask=key_mask, select="last").float(), -1)  # [U, V]
+        logp = torch.log_softmax(model(ids, key_mask=key_mask, last=True).float(), -1)  # [U, V]
     best = logp[:, tok.offsets[0]:tok.offsets[0] + len(ds.item_ids)].topk(10)
     assert torch.equal(items, best.indices)
     assert torch.allclose(scores, best.values, atol=1e-5)
@@ -137,11 +138,11 @@ def test_existing_run_needs_resume_flag(tmp_path):
 
 
 def test_demo_config_is_valid():
-    cfg = data.load_config(ROOT / "configs" / "demo.yaml", [], train.SECTIONS)
+    cfg = common.load_config(ROOT / "configs" / "demo.yaml", [], train.SECTIONS)
     assert cfg["data"].source == "synthetic"
     for name in ("beauty", "sports", "toys"):
         raw = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
-        assert data.load_config(ROOT / "configs" / f"{name}.yaml", [], train.SECTIONS)["data"].source == "amazon", raw
+        assert common.load_config(ROOT / "configs" / f"{name}.yaml", [], train.SECTIONS)["data"].source == "amazon", raw
 
 
 def test_tiny_latent_run_trains_and_evaluate_reproduces_test(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests of backbones.py's tokenizers: a tokenizer.json of each byte-level BPE family against `tokenizers` itself.
+"""Tests of bpe.py, the tokenizer: a tokenizer.json of each byte-level BPE family against `tokenizers` itself.
 
 Each family's file is trained here by `tokenizers` (a small BPE, a few hundred merges) with the family's exact
 normalizer, pre-tokenizer and model settings, plus added tokens of every kind; our load_tokenizer must encode
@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from test_gpt2 import CORPUS, STRINGS, many_strings  # noqa: E402
 
 import backbones as bb  # noqa: E402
+import bpe  # noqa: E402
 import pauserec as pr  # noqa: E402
 
 torch.set_num_threads(1)
@@ -56,7 +57,7 @@ ADDED = [AddedToken("<think>", special=False, normalized=False), AddedToken("</t
          AddedToken("zq", single_word=True, normalized=True), AddedToken("café", normalized=True)]
 STRIPPING = ("<mask>", "[rs]")   # their lstrip/rstrip swallow whitespace: no round trip
 # whole words added to the vocabulary without merges: only ignore_merges reaches them
-WHOLE = ["Ġquick", "Ġbrown", "Hello", "123", "".join(bb.bytes_to_unicode()[b] for b in " Привет".encode())]
+WHOLE = ["Ġquick", "Ġbrown", "Hello", "123", "".join(bpe.bytes_to_unicode()[b] for b in " Привет".encode())]
 
 EXTRA = [
     "1", "12", "123", "1234", "12345", "1234567", "12345678901", " 1234567 ", "a1234567b", "3.14159", "-42", "1e10",
@@ -120,7 +121,7 @@ def write(folder, spec: str):
 def test_family_encode_decode_equal_tokenizers(tmp_path, name):
     spec = family_json(name)
     ref = Tokenizer.from_str(spec)
-    ours = bb.load_tokenizer(write(tmp_path, spec))
+    ours = bpe.load_tokenizer(write(tmp_path, spec))
     assert len(ours) == ref.get_vocab_size(with_added_tokens=True)
     strings = family_strings()
     assert len(strings) >= 300
@@ -139,20 +140,21 @@ def test_family_encode_decode_equal_tokenizers(tmp_path, name):
         assert any(ours.encode(s) != ref.encode(s, add_special_tokens=False).ids for s in strings)
     legacy = json.loads(spec)   # merges in the older format, "a b" strings
     legacy["model"]["merges"] = [" ".join(m) for m in legacy["model"]["merges"]]
-    assert bb.load_tokenizer(write(tmp_path, json.dumps(legacy))).ranks == ours.ranks
+    assert bpe.load_tokenizer(write(tmp_path, json.dumps(legacy))).ranks == ours.ranks
 
 
 def test_added_token_flags_at_every_neighbour(tmp_path):
     """single_word 'zq' beside a sample of characters (the library's word characters are Rust's \\w), and the
     whitespace lstrip '<mask>' and rstrip '[rs]' take along (White_Space, not the separators \\x1c-\\x1f)."""
     spec = family_json("gpt2")
-    ref, ours = Tokenizer.from_str(spec), bb.load_tokenizer(write(tmp_path, spec))
+    ref, ours = Tokenizer.from_str(spec), bpe.load_tokenizer(write(tmp_path, spec))
     r = random.Random(0)
     assigned = [c for c in map(chr, range(0x800, 0x30000)) if unicodedata.category(c) not in ("Cn", "Cs")]
     sample = list(map(chr, range(0x800))) + r.sample(assigned, 1500)   # (newer characters: the Unicode of Rust)
     sample += ["\u24b6", "\u24e9", "\u24ea", "\U0001f130", "\U0001f14a", "\U0001f189", "\u200c", "\u200d", "\u2060"]
     strings = [t for c in sample for t in ("zq" + c, c + "zq")]
-    strings += [t for c in bb.WHITE_SPACE + "\x1c\x1d\x1e\x1f\u200b\ufeffx" for t in (f"a{c}{c}<mask>", f"[rs]{c}{c}b")]
+    spaces = bpe.WHITE_SPACE + "\x1c\x1d\x1e\x1f\u200b\ufeffx"
+    strings += [t for c in spaces for t in (f"a{c}{c}<mask>", f"[rs]{c}{c}b")]
     for s in strings:
         assert ours.encode(s) == ref.encode(s, add_special_tokens=False).ids, repr(s)
 
@@ -162,25 +164,25 @@ def test_bytes_missing_from_the_vocabulary(tmp_path, unk, fuse):
     """Some real vocabularies lack rare bytes (SmolLM2's 0x1d, 0xf1, ...): the library maps them to unk_token, a run
     of them to one if fuse_unk, and drops them where there is no unk_token."""
     spec = json.loads(family_json("smollm2"))
-    gone = {bb.bytes_to_unicode()[b] for b in (0x1d, 0xf0)}   # a control character; the lead byte of emoji
+    gone = {bpe.bytes_to_unicode()[b] for b in (0x1d, 0xf0)}   # a control character; the lead byte of emoji
     model = spec["model"]
     model["vocab"] = {t: i for t, i in model["vocab"].items() if not gone & set(t)}
     model["merges"] = [m for m in model["merges"] if not gone & set(m[0] + m[1])]
     model["unk_token"], model["fuse_unk"] = unk, fuse
     spec["added_tokens"] = [t for t in spec["added_tokens"] if t["content"] in model["vocab"]]   # ids stay put
     spec = json.dumps(spec)
-    ref, ours = Tokenizer.from_str(spec), bb.load_tokenizer(write(tmp_path, spec))
+    ref, ours = Tokenizer.from_str(spec), bpe.load_tokenizer(write(tmp_path, spec))
     strings = family_strings()
     assert sum("\x1d" in s or "\U0001f600" in s for s in strings) > 10
     for s in strings:
         assert ours.encode(s) == ref.encode(s, add_special_tokens=False).ids, repr(s)
 
 
-@pytest.mark.parametrize("pattern", [bb.GPT2_SPLIT, QWEN2_SPLIT, LLAMA3_SPLIT])
+@pytest.mark.parametrize("pattern", [bpe.GPT2_SPLIT, QWEN2_SPLIT, LLAMA3_SPLIT])
 def test_split_patterns_equal_oniguruma(pattern):
     """onig_to_re against the library's own regex engine (Oniguruma), on the test strings and on every code
     point this Python's Unicode version assigns, in runs, so that each class is checked."""
-    ref, ours = isolated(pattern), bb.isolated(bb.onig_to_re(pattern))
+    ref, ours = isolated(pattern), bpe.isolated(bpe.onig_to_re(pattern))
     assigned = [chr(c) for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) not in ("Cn", "Cs")]
     r = random.Random(0)
     chunks = ["".join(assigned[i: i + 40]) for i in range(0, len(assigned), 40)]
@@ -190,13 +192,13 @@ def test_split_patterns_equal_oniguruma(pattern):
 
 
 def test_onig_to_re_classes():
-    pat = bb.onig_to_re(r"\p{Lu}+|[\p{Nd}x]|\pN|[^\S\n]+|\P{L}")
+    pat = bpe.onig_to_re(r"\p{Lu}+|[\p{Nd}x]|\pN|[^\S\n]+|\P{L}")
     assert pat.findall("AbCD1\u2167x \t\n٣") == ["A", "CD", "1", "\u2167", "x", " \t", "\n", "٣"]
-    assert bb.onig_to_re(r"\p{^Nd}+|\d").findall("ab1٣") == ["ab", "1", "٣"]
+    assert bpe.onig_to_re(r"\p{^Nd}+|\d").findall("ab1٣") == ["ab", "1", "٣"]
     with pytest.raises(ValueError, match=r"\\w"):
-        bb.onig_to_re(r"\w+")
+        bpe.onig_to_re(r"\w+")
     with pytest.raises(ValueError, match="Script=Han"):
-        bb.onig_to_re(r"\p{Script=Han}")
+        bpe.onig_to_re(r"\p{Script=Han}")
 
 
 def spec_with(**changes) -> str:
@@ -234,13 +236,13 @@ def spec_with(**changes) -> str:
 def test_unsupported_settings_are_one_line_value_errors(tmp_path, changes, what):
     write(tmp_path, spec_with(**changes))
     with pytest.raises(ValueError) as e:
-        bb.load_tokenizer(tmp_path)
+        bpe.load_tokenizer(tmp_path)
     msg = str(e.value)
     assert str(tmp_path / "tokenizer.json") in msg and what in msg and "\n" not in msg, msg
 
 
 def test_make_tokens_titles_from_tokenizer_json(tmp_path):
-    """pauserec.make_tokens reads a folder's tokenizer.json, and refuses one larger than config.json's vocab_size."""
+    """backbones.make_tokens reads a folder's tokenizer.json, and refuses one larger than config.json's vocab_size."""
     write(tmp_path, family_json("qwen2"))
     V = Tokenizer.from_str(family_json("qwen2")).get_vocab_size(with_added_tokens=True)
     codes = torch.tensor([[0, 1], [1, 0]])
@@ -252,7 +254,7 @@ def test_make_tokens_titles_from_tokenizer_json(tmp_path):
         (tmp_path / "config.json").write_text(json.dumps(config))
         if size < V:
             with pytest.raises(ValueError, match="more than vocab_size"):
-                pr.make_tokens(cfg, codes, (), meta)
+                bb.make_tokens(cfg, codes, (), meta)
             continue
-        tok = pr.make_tokens(cfg, codes, (), meta)
-        assert tok.item_titles == [bb.load_tokenizer(tmp_path).encode(" Crème brûlée 12 pack")[:6], []]
+        tok = bb.make_tokens(cfg, codes, (), meta)
+        assert tok.item_titles == [bpe.load_tokenizer(tmp_path).encode(" Crème brûlée 12 pack")[:6], []]

@@ -1,0 +1,95 @@
+"""Tests of model.py, the decoder: parameter layouts (GPT-2's names), config checks, left padding, the loss."""
+
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from test_pauserec import ARCHS, LLAMA_STYLE, histories, setup  # noqa: E402
+
+import model as md  # noqa: E402
+import pauserec as pr  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def loss_from_logits(logits, ids, loss_mask, head_start: int = 0):
+    """GPT.loss from logits [B, T, V'] at every position: the reference for its supervised-positions-only path."""
+    sel = loss_mask[:, 1:]
+    return F.cross_entropy(logits[:, :-1][sel].float(), ids[:, 1:][sel] - head_start)
+
+
+def test_pause_id_is_the_tokens_pause():
+    assert md.PAUSE == pr.Tokens.PAUSE and pr.Tokens(level_sizes=[2], base=7).PAUSE == 7 + md.PAUSE
+
+
+@ARCHS
+def test_left_padding_does_not_change_logits(arch):
+    cfg, tok, model, _, _ = setup(2, **arch)
+    model.eval()
+    prompts = [[1, 7, 8, 9, 10, 3, 3], [1, 11, 3, 3], [1, 3]]
+    ids, mask = pr.left_pad(prompts)
+    batched = model(ids, key_mask=mask, last=True)
+    for i, p in enumerate(prompts):
+        alone = model(torch.tensor([p]), last=True)[0]
+        assert torch.allclose(batched[i], alone, atol=1e-5)
+
+
+def test_loss_helper_and_fast_path_agree():
+    cfg, tok, model, _, _ = setup(3)
+    ex = [pr.build_example(tok, cfg, h, 5) for h in histories(3, 20)]
+    ids, mask = pr.collate(ex)
+    a = model.loss(ids, mask)
+    b = loss_from_logits(model(ids), ids, mask)
+    assert torch.allclose(a, b, atol=1e-5)
+    assert a.item() > 0
+    a.backward()
+    assert model.transformer.wte.weight.grad.abs().sum() > 0
+
+
+def test_gpt2_parameter_layout():
+    cfg = md.ModelConfig(n_layer=2, n_head=2, d_model=32)
+    names = set(dict(md.GPT(cfg, 50).named_parameters()))
+    for n in ("transformer.wte.weight", "transformer.wpe.weight", "transformer.h.1.ln_1.weight",
+              "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.bias",
+              "transformer.h.0.ln_2.bias", "transformer.h.0.mlp.c_fc.weight",
+              "transformer.h.0.mlp.c_proj.weight", "transformer.ln_f.weight"):
+        assert n in names, n
+    m = md.GPT(cfg, 50)
+    assert m.lm_head.weight is m.transformer.wte.weight
+    assert m.transformer.h[0].attn.c_attn.weight.shape == (96, 32)
+
+
+def test_llama_style_parameter_layout():
+    m = md.GPT(md.ModelConfig(n_layer=2, n_head=2, d_model=32, **LLAMA_STYLE), 50)
+    shapes = {n: tuple(t.shape) for n, t in m.state_dict().items()}
+    assert {n: s for n, s in shapes.items() if n.startswith("transformer.h.0.")} == {
+        "transformer.h.0.ln_1.weight": (32,), "transformer.h.0.ln_2.weight": (32,),
+        "transformer.h.0.attn.c_attn.weight": ((2 + 2 * 1) * 8, 32), "transformer.h.0.attn.c_attn.bias": (32,),
+        "transformer.h.0.attn.c_proj.weight": (32, 2 * 8), "transformer.h.0.attn.q_norm.weight": (8,),
+        "transformer.h.0.attn.k_norm.weight": (8,), "transformer.h.0.mlp.c_fc.weight": (2 * 48, 32),
+        "transformer.h.0.mlp.c_proj.weight": (32, 48)}
+    assert "transformer.wpe.weight" not in shapes and shapes["inv_freq"] == (4,)   # RoPE: no learned positions
+    assert m.lm_head.weight is not m.transformer.wte.weight
+    assert torch.allclose(m.inv_freq, 10000.0 ** -(torch.arange(0, 8, 2) / 8))
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="model.reasoning"):
+        md.ModelConfig(reasoning="think")
+    with pytest.raises(ValueError, match="model.d_model"):
+        md.ModelConfig(d_model=30, n_head=4)
+    with pytest.raises(ValueError, match="model.n_layer"):
+        md.ModelConfig(n_layer=0)
+    for kw, match in ((dict(norm="batchnorm"), "model.norm must be layernorm"), (dict(mlp="relu"), "model.mlp"),
+                      (dict(pos="alibi"), "model.pos"), (dict(head="ours"), "model.head"),
+                      (dict(n_kv_head=3), r"model.n_head \(4\) must divide by model.n_kv_head \(3\)"),
+                      (dict(pos="rope", head_dim=7), "even head width"), (dict(d_ff=-1), "model.d_ff"),
+                      (dict(norm_eps=0.0), "model.norm_eps"),
+                      (dict(keep_layers=1), "need a pretrained model.backbone")):
+        with pytest.raises(ValueError, match=match):
+            md.ModelConfig(**kw)
+    md.ModelConfig(d_model=30, n_head=4, head_dim=8)   # head_dim set: d_model need not divide
