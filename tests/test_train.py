@@ -19,7 +19,7 @@ TINY = ["data.source=synthetic", "data.num_users=300", "data.num_items=60", "sid
         "model.n_layer=2", "model.d_model=32", "model.n_head=2", "model.reasoning=pause", "model.num_pauses=2",
         "train.batch_size=32", "train.warmup_steps=5", "train.lr=3e-3", "train.patience=0",
         "train.threads=1", "eval.batch_size=128", "model.pause_layout=target", "eval.every=0",
-        "model.dropout=0.0", "train.refit_epochs=0"]
+        "model.dropout=0.0", "train.refit_epochs=0", "train.device=cpu"]
 
 
 def tiny_args(tmp_path, *extra):
