@@ -228,9 +228,17 @@ def changed_settings(saved: dict, resolved: dict, sections=("data", "sid", "mode
             and not (k in ("dir", "download") or k.endswith(("_dir", "_url")))]
 
 
+# What a resumed run may change: where it runs, where its files live, how often it logs, the evaluation batch.
+# Anything else (the schedule: epochs, batch_size, lr, ..; the seed; eval.select, ks, every) would break the
+# epoch arithmetic of last.pt's step, or compare its `best` with another metric.
+RESUME_MAY_CHANGE = ("train.name", "train.out_dir", "train.sid_cache", "train.device", "train.threads",
+                     "train.resume", "train.log_every", "eval.batch_size")
+
+
 def check_resume(run_dir: Path, resolved: dict):
-    """last.pt only fits the data, SIDs and model it was trained with: name every setting that changed."""
-    changed = changed_settings(yaml.safe_load((run_dir / "config.yaml").read_text()), resolved)
+    """last.pt continues only the run it was saved by: name every setting that changed (RESUME_MAY_CHANGE aside)."""
+    changed = changed_settings(yaml.safe_load((run_dir / "config.yaml").read_text()), resolved,
+                               ("data", "sid", "model", "eval", "train"), RESUME_MAY_CHANGE)
     if changed:
         raise ValueError(f"{run_dir / 'last.pt'} comes from another config ({'; '.join(changed)}): resume with "
                          f"the saved settings, or start a new run with train.name=<other>")
@@ -434,6 +442,8 @@ def main(argv):
     # --- training loop -------------------------------------------------------------------------
     eval_every = ecfg.every or steps_per_epoch
     stop = bool(tcfg.patience and bad_evals >= tcfg.patience)   # a resumed run that had stopped early
+    if stop:
+        print(f"{last_path}: the run stopped early at step {step}; no more main-phase training")
     bar = tqdm(total=total_steps + refit_total, initial=step + refit_step, desc="train",
                disable=None if rank == 0 else True)
     tokens, t_log = 0, time.time()
