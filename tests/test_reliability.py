@@ -102,10 +102,21 @@ def test_shard_weights_give_the_whole_batch_loss(size):
     assert train.shard(rows, examples, 0, 1) == (rows, 1.0)
 
 
-def test_amp_option_runs_on_cpu(tmp_path):
-    """bf16 autocast is meant for CUDA; on a CPU it runs too (slowly), so the option is testable here."""
+def test_amp_option_runs_on_cpu(tmp_path, monkeypatch):
+    """bf16 autocast is meant for CUDA; on a CPU it runs too (slowly), so the option is testable here. The
+    training forward's logits are bf16 (autocast really on), the evaluation's float32."""
+    dtypes = {True: set(), False: set()}   # model.training -> dtypes of the logits
+    logits = pauserec.GPT.logits
+
+    def recorded(self, x):
+        out = logits(self, x)
+        dtypes[self.training].add(out.dtype)
+        return out
+
+    monkeypatch.setattr(pauserec.GPT, "logits", recorded)
     metrics = train.main(train_args(tmp_path, "train.epochs=1", "train.amp=true"))
     assert (tmp_path / "runs" / "demo" / "metrics.json").is_file() and metrics["test"]["recall@10"] > 0
+    assert dtypes == {True: {torch.bfloat16}, False: {torch.float32}}
 
 
 # ----------------------------------------------------------------------------------------------
