@@ -5,6 +5,8 @@ child code its prefix has in the catalogue, scores each extended prefix by one p
 prompt + prefix, and keeps the top B by cumulative log-prob. Unlike the full-beam tests (a full beam never
 prunes), this checks *which* items a narrow beam keeps. It needs only torch.
 """
+import dataclasses
+
 import pytest
 import torch
 from test_pauserec import LLAMA_STYLE, greedy_rationale, histories, setup
@@ -85,3 +87,35 @@ def test_narrow_beam_keeps_the_reference_beams_items(mode, arch):
             assert torch.allclose(scores[b], torch.tensor(ref_scores), atol=1e-4), (beam, b)
             if cfg.reasoning == "cot":
                 assert rats[b] == full[len(p):-1]
+
+
+def test_beam_search_argument_errors():
+    cfg, tok, model, trie, codes = setup(0, n=20)
+    prompt = pr.build_prompt(tok, cfg, [0, 1])
+    for beam, k, match in ((0, 5, "beam_size and topk must be >= 1, got 0, 5"), (3, 0, "got 3, 0")):
+        with pytest.raises(ValueError, match=match):
+            pr.beam_search(model, tok, cfg, trie, [prompt], beam, k)
+    for prompts in ([], [prompt, []]):
+        with pytest.raises(ValueError, match="prompts must be non-empty token lists"):
+            pr.beam_search(model, tok, cfg, trie, prompts, 3, 3)
+    with pytest.raises(ValueError, match="model is on cpu, not on the requested device cuda"):
+        pr.beam_search(model, tok, cfg, trie, [prompt], 3, 3, device="cuda")
+    lcfg, ltok, lmodel, ltrie, _ = setup(0, n=20, reasoning="latent", latent_steps=2)
+    with pytest.raises(ValueError, match="prompts must hold \\[BOS\\] history and 2 latent slots"):
+        pr.beam_search(lmodel, ltok, lcfg, ltrie, [[ltok.BOS, ltok.PAUSE]], 3, 3)
+
+
+def test_max_len_overflow_is_a_clear_error():
+    cfg, tok, _, trie, codes = setup(0, n=20)
+    cfg = dataclasses.replace(cfg, max_len=16)   # [BOS] + 3 items x 3 SID tokens + 2 pauses = 12 tokens
+    model = pr.GPT(cfg, tok.size).eval()
+    assert len(pr.build_prompt(tok, cfg, [0, 1, 2])) == 12
+    with pytest.raises(ValueError, match="example of 18 tokens exceeds model.max_len=16: shorten history"):
+        pr.build_prompt(tok, cfg, [0, 1, 2, 3, 4])
+    with pytest.raises(ValueError, match="example of 18 tokens exceeds model.max_len=16"):
+        pr.build_example(tok, cfg, [0, 1, 2, 3], 4)
+    with pytest.raises(ValueError, match="sequence longer than model.max_len=16 positions"):
+        model(torch.ones(1, 17, dtype=torch.long))
+    # a prompt that fits, but not with its L SID tokens decoded after it: the beam search says so too
+    with pytest.raises(ValueError, match="sequence longer than model.max_len=16 positions"):
+        pr.beam_search(model, tok, cfg, trie, [[tok.BOS] * 15], 3, 3)
