@@ -188,7 +188,7 @@ def stale_run_sids(tmp, run):
 
 def resume_other_config(tmp, run):
     copy_run(tmp, run)
-    return lambda: train.main(train_args(tmp, "train.resume=true", "model.d_model=64", "sid.seed=1"))
+    return lambda: train.main(train_args(tmp, "train.epochs=1", "train.resume=true", "model.d_model=64", "sid.seed=1"))
 
 
 def evaluate_other_model(tmp, run):
