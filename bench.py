@@ -187,14 +187,14 @@ def bench_peer(model, tok, mcfg, trie, prompts, beam, tie_tol=1e-5):
 
 
 def bench_beam(args):
-    if args.peer:
+    if args.peer:   # the argument first: its error does not depend on what is installed
+        if not 0 < args.peer_users <= args.users:
+            raise ValueError(f"bench.py beam: --peer-users must be in 1..--users ({args.users}), got {args.peer_users}")
         try:
             import transformers  # noqa: F401
         except ImportError:
             raise ValueError("bench.py beam --peer compares with transformers' generate(): "
                              "pip install -r requirements-dev.txt") from None
-        if not 0 < args.peer_users <= args.users:
-            raise ValueError(f"bench.py beam: --peer-users must be in 1..--users ({args.users}), got {args.peer_users}")
     torch.manual_seed(0)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -177,9 +177,17 @@ def changed_settings(saved: dict, resolved: dict, sections=("data", "sid", "mode
             and not (k in ("dir", "download") or k.endswith(("_dir", "_url")))]
 
 
+# What a resumed run may change: where it runs, where its files live, how often it logs, the evaluation batch.
+# Anything else (the schedule: epochs, batch_size, lr, ..; the seed; eval.select, ks, every) would break the
+# epoch arithmetic of last.pt's step, or compare its `best` with another metric.
+RESUME_MAY_CHANGE = ("train.name", "train.out_dir", "train.sid_cache", "train.device", "train.threads",
+                     "train.resume", "train.log_every", "eval.batch_size")
+
+
 def check_resume(run_dir: Path, resolved: dict):
-    """last.pt only fits the data, SIDs and model it was trained with: name every setting that changed."""
-    changed = changed_settings(yaml.safe_load((run_dir / "config.yaml").read_text()), resolved)
+    """last.pt continues only the run it was saved by: name every setting that changed (RESUME_MAY_CHANGE aside)."""
+    changed = changed_settings(yaml.safe_load((run_dir / "config.yaml").read_text()), resolved,
+                               ("data", "sid", "model", "eval", "train"), RESUME_MAY_CHANGE)
     if changed:
         raise ValueError(f"{run_dir / 'last.pt'} comes from another config ({'; '.join(changed)}): resume with "
                          f"the saved settings, or start a new run with train.name=<other>")
@@ -334,6 +342,8 @@ def resume_from_last(run: Run):
     ranks = state.get("rng_ranks") or []
     set_rng_state(ranks[run.rank] if len(ranks) == run.world else state["rng"])
     run.stop = bool(run.tcfg.patience and run.bad_evals >= run.tcfg.patience)   # it had stopped early
+    if run.stop:
+        print(f"{last}: the run stopped early at step {run.step}; no more main-phase training")
     print(f"resumed from {last} at step {run.step}")
 
 

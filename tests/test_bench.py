@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 import bench
 
@@ -13,6 +14,10 @@ def test_bench_beam_small():
     assert [r["items"] for r in out["rows"]] == [300, 3000]
     for row in out["rows"]:
         assert row["users_per_s"] > 0 and 0 < row["transformer_share"] <= 1 and row["trie_build_s"] >= 0
+        assert row["users_per_s"] * row["ms_per_user"] == pytest.approx(1000, rel=0.01)   # one timing, two units
+        assert row["sid_levels"] == bench.random_catalogue(row["items"]).shape[1]
+    first = out["rows"][0]["ms_per_user"]
+    assert out["ms_per_user_ratio_vs_first"] == [round(r["ms_per_user"] / first, 2) for r in out["rows"]]
 
 
 def test_bench_beam_peer_matches_generate():
@@ -51,6 +56,15 @@ def test_bench_reasoning_quick(tmp_path):
         assert row["train_seconds"] > 0 and row["train_tokens"] > 0
         assert row["users_per_s_batch1"] > 0 and row["users_per_s_batch256"] > 0
         assert row["train_tokens_per_s"] > 0 and row["epochs"] == 1
+    # each row shows its own mode's run: trained with the mode's settings, its metrics as saved
+    for (name, settings), row in zip(bench.MODES, table):
+        run = tmp_path / "b" / bench.mode_runs(config, [], "o", modes=name)[0][1]
+        saved = yaml.safe_load((run / "config.yaml").read_text())
+        for setting in settings:
+            key, value = setting.split("=", 1)
+            section, key = key.split(".")
+            assert str(saved[section][key]) == value, (name, setting)
+        assert row["test"] == json.loads((run / "metrics.json").read_text())["test"], name
     # more pauses -> more tokens trained on the same examples
     tokens = {r["mode"]: r["train_tokens"] for r in table}
     assert tokens["none"] < tokens["pause M=1"] < tokens["pause M=8"]

@@ -25,7 +25,7 @@ ENV = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PAUSEREC_
 def cli(*args):
     """Run `python SCRIPT ARGS` in the repository root, as a user types it."""
     return subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=1800)   # a hang guard, not a speed check
 
 
 def snapshot(folder: Path) -> dict:

@@ -448,8 +448,8 @@ def test_tiny_gpt2_run_with_titles_trains_and_evaluates(tmp_path):
                                    "train.lr=1e-2", "train.log_every=10"))
     run = tmp_path / "runs" / "demo"
     losses = [r["loss"] for r in map(json.loads, open(run / "log.jsonl")) if "loss" in r]
-    assert losses and losses[-1] < losses[0]
-    assert set(metrics["test"]) >= {"recall@10", "ndcg@10"}
+    assert losses and losses[-1] < 0.6 * losses[0]   # a bar with room below the fall measured once
+    assert set(metrics["test"]) >= {"recall@10", "ndcg@10"} and 0 < metrics["test"]["ndcg@10"] <= 1
     again = evaluate.main([str(run)])
     assert again["ndcg@10"] == metrics["test"]["ndcg@10"]
 

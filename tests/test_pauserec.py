@@ -5,7 +5,6 @@ The decoder's own tests are in test_model.py, cot's rationales in test_rationale
 import os
 import random
 import sys
-import time
 
 import pytest
 import torch
@@ -90,16 +89,14 @@ def test_trie_matches_dict_trie():
     assert sorted(t.leaf_item.tolist()) == list(range(len(codes)))
 
 
-def test_trie_edge_cases_and_speed():
+def test_trie_edge_cases_and_a_million_items():
     t = pr.SIDTrie(torch.tensor([[2], [0], [5]]))    # one level
     assert t.children(0, 0)[0] == [0, 2, 5] and t.leaf_item.tolist() == [1, 0, 2]
     t = pr.SIDTrie(torch.tensor([[3, 1]]))           # one item
     assert t.lookup([3, 1]) == 0 and t.max_children == [1, 1]
     i = torch.randperm(2**22)[:1_000_000]            # 1M distinct SIDs of level sizes 256, 256, 64, 1
     codes = torch.stack([(i >> 14) & 255, (i >> 6) & 255, i & 63, torch.zeros_like(i)], 1)
-    t0 = time.time()
-    t = pr.SIDTrie(codes)
-    assert time.time() - t0 < 30
+    t = pr.SIDTrie(codes)                            # its build time is bench.py beam's trie_build_s
     assert len(t.leaf_item) == len(codes)
 
 

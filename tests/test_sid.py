@@ -3,8 +3,8 @@ import json
 import math
 import os
 import random
+import subprocess
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -159,15 +159,18 @@ def test_file_encoder_errors(tmp_path):
 
 # ----------------------------------------------------------------------------- CLI
 
-def test_main_prints_health_json(monkeypatch, capsys, tmp_path):
-    t, cats = texts()
-    fake = types.ModuleType("data")
-    fake.DataConfig = object
-    monkeypatch.setattr(sid.common, "load_config", lambda path, overrides, sections, ignore=(): {
-        "data": None, "sid": sid.SIDConfig(**SMALL, method="rqkmeans")})
-    fake.load_dataset = lambda cfg: types.SimpleNamespace(item_text=t, item_meta=[{"category": c} for c in cats])
-    monkeypatch.setitem(sys.modules, "data", fake)
-    sid.main(["cfg.yaml", f"--out={tmp_path}/s.pt"])
-    health = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+def test_main_prints_health_json(tmp_path):
+    """`python sid.py CONFIG overrides --out=PATH` as a user runs it: the overrides reach the data and the SIDs."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    overrides = ["data.num_users=300", "data.num_items=60", "sid.codebook_size=8", "sid.embed_dim=32",
+                 "sid.hidden=[64]", "sid.latent_dim=8", "sid.epochs=5", "sid.batch_size=60"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "sid.py", "configs/demo.yaml", *overrides, f"--out={tmp_path}/s.pt"],
+                       cwd=root, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-3000:]
+    health = json.loads(r.stdout.strip().splitlines()[-1])
     assert {"utilization", "perplexity", "collision_rate", "max_group", "category_purity", "seconds"} <= set(health)
-    assert sid.load_sids(tmp_path / "s.pt")[0].shape == (120, 3)
+    codes, _, saved = sid.load_sids(tmp_path / "s.pt")
+    assert codes.shape == (60, 3) and int(codes[:, :2].max()) < 8   # 60 items, 2 levels of 8 codes + collision
+    assert len(health["utilization"]) == 2 and saved["max_group"] == health["max_group"]
+    assert len({tuple(c) for c in codes.tolist()}) == 60

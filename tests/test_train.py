@@ -20,7 +20,7 @@ TINY = ["data.source=synthetic", "data.num_users=300", "data.num_items=60", "sid
         "model.n_layer=2", "model.d_model=32", "model.n_head=2", "model.reasoning=pause", "model.num_pauses=2",
         "train.batch_size=32", "train.warmup_steps=5", "train.lr=3e-3", "train.patience=0",
         "train.threads=1", "eval.batch_size=128", "model.pause_layout=target", "eval.every=0",
-        "model.dropout=0.0", "train.refit_epochs=0"]
+        "model.dropout=0.0", "train.refit_epochs=0", "train.device=cpu"]
 
 
 def tiny_args(tmp_path, *extra):
@@ -75,6 +75,7 @@ def test_tiny_run_learns_and_evaluate_reproduces_test(tmp_path, capsys):
     saved = json.loads((run / "metrics.json").read_text())
     assert set(saved) >= {"valid", "test", "baselines", "train_seconds", "sid"}
     assert saved["test"]["ndcg@10"] > saved["baselines"]["mostpop"]["ndcg@10"]
+    assert saved["test"]["ndcg@10"] > 0.22   # half the N@10 of this run, measured once (far above MostPop)
     # evaluate.py RUN_DIR reproduces the test numbers exactly
     again = evaluate.main([str(run), "eval.batch_size=7"])
     for k in ("recall@5", "recall@10", "ndcg@5", "ndcg@10"):
@@ -117,6 +118,7 @@ def test_sid_method_id_is_an_item_id_model_whose_beam_is_exact_top_k(tmp_path):
     metrics = train.main(tiny_args(tmp_path, "train.epochs=3", "sid.method=id", "model.reasoning=none",
                                    "model.pause_layout=every_item"))
     assert metrics["test"]["ndcg@10"] > metrics["baselines"]["mostpop"]["ndcg@10"]
+    assert metrics["test"]["ndcg@10"] > 0.30   # half the N@10 of this run, measured once (far above MostPop)
     cfg, ds, codes, tok, model = evaluate.load_run(tmp_path / "runs" / "demo")
     assert codes.tolist() == [[i] for i in range(len(ds.item_ids))] and tok.num_levels == 1
     split = data.leave_one_out(ds.sequences, cfg["data"].max_history)
@@ -150,7 +152,7 @@ def test_tiny_latent_run_trains_and_evaluate_reproduces_test(tmp_path):
                                    "model.reasoning=latent", "model.latent_steps=2"))
     run = tmp_path / "runs" / "demo"
     losses = [r["loss"] for r in map(json.loads, open(run / "log.jsonl")) if "loss" in r]
-    assert len(losses) >= 2 and losses[-1] < losses[0]
+    assert len(losses) >= 2 and losses[-1] < 0.8 * losses[0]   # a bar with room below the fall measured once
     assert "reasoning_pos" in torch.load(run / "model.pt", weights_only=True)["model"]
     again = evaluate.main([str(run), "eval.batch_size=7"])
     assert all(again[k] == metrics["test"][k] for k in ("recall@5", "recall@10", "ndcg@5", "ndcg@10"))

@@ -1,0 +1,88 @@
+"""The training schedule: lr_at's endpoints, batches' epoch cover, early stopping, and what a resume may change."""
+import json
+import math
+import random
+import shutil
+
+import pytest
+import torch
+from test_reliability import train_args
+
+import train
+
+
+def test_lr_at_warmup_peak_and_cosine_end():
+    cfg = train.TrainConfig(lr=1e-3, min_lr=1e-5, warmup_steps=10)
+    total = 110
+    assert train.lr_at(0, total, cfg) == pytest.approx(1e-4)          # warmup from lr / warmup_steps
+    assert train.lr_at(9, total, cfg) == pytest.approx(1e-3)          # the peak at warmup's last step
+    assert train.lr_at(10, total, cfg) == pytest.approx(1e-3)         # the cosine starts at the peak
+    assert train.lr_at(60, total, cfg) == pytest.approx((1e-3 + 1e-5) / 2)   # halfway: the mean
+    assert train.lr_at(total, total, cfg) == pytest.approx(1e-5)      # the end: min_lr
+    lrs = [train.lr_at(s, total, cfg) for s in range(total + 1)]
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10])) and all(a > b for a, b in zip(lrs[10:], lrs[11:]))
+    assert train.lr_at(0, total, train.TrainConfig(lr=1e-3, warmup_steps=0)) == pytest.approx(1e-3)   # no warmup
+
+
+@pytest.mark.parametrize("n,batch_size", [(5000, 32), (100, 7), (3, 8), (64 * 8, 8)])
+def test_batches_cover_each_example_once_per_epoch(n, batch_size):
+    r = random.Random(n)
+    examples = [([0] * r.randint(2, 60), None) for _ in range(n)]
+    epochs = [train.batches(examples, batch_size, torch.Generator().manual_seed(e)) for e in range(2)]
+    for order in epochs:
+        assert sorted(i for rows in order for i in rows) == list(range(n))   # each example once
+        assert all(0 < len(rows) <= batch_size for rows in order)
+        assert len(order) == math.ceil(n / batch_size)   # train.py's steps_per_epoch: the resume arithmetic
+    assert n <= batch_size or epochs[0] != epochs[1]       # another epoch, another order (one batch: sorted)
+    assert epochs[0] == train.batches(examples, batch_size, torch.Generator().manual_seed(0))   # replayable
+
+
+def ranking(metrics):
+    """The ranking metrics of a metrics dict (not its timing)."""
+    return {k: v for k, v in metrics.items() if "@" in k}
+
+
+def test_early_stopping_and_the_resume_of_a_stopped_run(tmp_path, capsys):
+    """lr ~ 0: validation never improves after the first, so patience=1 stops at the second validation; a resume
+    of the stopped run trains no further and evaluates it again."""
+    args = train_args(tmp_path, "train.epochs=3", "eval.every=2", "train.patience=1", "train.lr=1e-9",
+                      "train.min_lr=0", "eval.valid_users=50")
+    first = train.main(args)
+    run = tmp_path / "runs" / "demo"
+    log = [json.loads(line) for line in open(run / "log.jsonl")]
+    assert [r["step"] for r in log if "valid" in r] == [2, 4] and first["steps"] == 4
+    assert first["steps"] < 3 * first["steps_per_epoch"] and first["best_step"] == 2
+    assert "early stop: 1 validations without improvement" in capsys.readouterr().out
+    again = train.main(args + ["train.resume=true"])
+    assert "the run stopped early at step 4" in capsys.readouterr().out
+    assert again["steps"] == 4 and ranking(again["test"]) == ranking(first["test"])
+    assert ranking(again["valid"]) == ranking(first["valid"])
+    assert [json.loads(line) for line in open(run / "log.jsonl")] == log   # nothing trained, nothing logged
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("finished")
+    train.main(train_args(folder, "train.epochs=1", "eval.valid_users=50"))
+    return folder
+
+
+@pytest.mark.parametrize("change", ["train.epochs=2", "train.batch_size=16", "train.lr=1e-3", "train.seed=1",
+                                    "train.patience=3", "train.refit_epochs=1", "eval.select=recall@10",
+                                    "eval.ks=[10, 20]", "eval.every=5"])
+def test_resume_refuses_a_changed_schedule_seed_or_metric(tmp_path, finished, change):
+    shutil.copytree(finished, tmp_path, dirs_exist_ok=True)
+    before = (tmp_path / "runs" / "demo" / "config.yaml").read_text()
+    key, value = change.split("=", 1)
+    with pytest.raises(ValueError, match=rf"last.pt comes from another config \({key}: .* -> ") as error:
+        train.main(train_args(tmp_path, "train.epochs=1", "eval.valid_users=50", change, "train.resume=true"))
+    assert "\n" not in str(error.value)
+    assert (tmp_path / "runs" / "demo" / "config.yaml").read_text() == before
+
+
+def test_resume_may_change_where_it_runs_and_how_often_it_logs(tmp_path, finished):
+    shutil.copytree(finished, tmp_path, dirs_exist_ok=True)
+    want = json.loads((tmp_path / "runs" / "demo" / "metrics.json").read_text())
+    got = train.main(train_args(tmp_path, "train.epochs=1", "eval.valid_users=50", "train.resume=true",
+                                "train.threads=2", "train.log_every=7", "eval.batch_size=33"))
+    assert ranking(got["test"]) == ranking(want["test"]) and got["steps"] == want["steps"]
