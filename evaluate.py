@@ -178,7 +178,8 @@ def ablated_prefill(model, tok, mcfg, prompts, cache, how: str):
 
 def ablation(model, tok, cfg, trie, split, how: str) -> dict:
     """Validation and test metrics of a pause (or latent) run as trained and with its pauses knocked out
-    (ablated_prefill), side by side. After a refit, model.pt has trained on the validation targets."""
+    (ablated_prefill), side by side. After a refit (train.refit_epochs > 0) model.pt has trained on the
+    validation targets: its validation figures are then no held-out measure."""
     mcfg, ecfg = cfg["model"], cfg["eval"]
     check_ablation(mcfg, how)
     rows = {}
@@ -186,7 +187,7 @@ def ablation(model, tok, cfg, trie, split, how: str) -> dict:
         for name, ablate in (("as trained", ""), (f"pauses {how}", how)):
             rows[f"{split_name}: {name}"] = evaluate_model(model, tok, mcfg, trie, split[split_name], ecfg,
                                                            desc=f"{split_name} {name}", ablate=ablate)
-    print(results_table(rows, ecfg.ks))
+    print(results_table(rows, ecfg.ks, title="split: pauses"))
     result = {"ablate": how, **rows}
     print(json.dumps(result))
     return result
@@ -257,11 +258,11 @@ def load_run(run_dir, overrides=(), device="cpu"):
     return cfg, ds, codes, tok, model
 
 
-def results_table(rows: dict, ks, metrics_path=None) -> str:
+def results_table(rows: dict, ks, metrics_path=None, title="test") -> str:
     """{name: metrics} as a small text table, R@K and N@K for every K, 4 decimals; then metrics.json's path."""
-    width = max(len(name) for name in rows)
+    width = max(len(name) for name in [*rows, title])
     head = "".join(f"{m}@{k}".rjust(8) for k in ks for m in ("R", "N"))
-    lines = ["test".ljust(width) + head]
+    lines = [title.ljust(width) + head]
     for name, m in rows.items():
         lines.append(name.ljust(width) + "".join(f"{m[f'{key}@{k}']:8.4f}" for k in ks for key in ("recall", "ndcg")))
     if "markov_train_only" in rows:
