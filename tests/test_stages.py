@@ -134,6 +134,31 @@ def test_pause_pretraining_changes_only_the_pause_row(tmp_path, llama):
     assert metrics["task"] == "pause_pretrain" and metrics["train_tokens"] > 0 and metrics["steps"] > 0
 
 
+def test_a_stage_resumes_from_its_last_epoch(tmp_path, llama, monkeypatch):
+    """A stage writes last.pt at each epoch's end: pause_pretrain stopped after its first epoch and resumed ends
+    with the weights of an uninterrupted run."""
+    align = stage(tmp_path, llama, "align")
+    full = stage(tmp_path, llama, "pause_pretrain", f"model.init_from={align}")
+    args = llama_args(tmp_path, llama, "train.task=pause_pretrain", "train.name=cut", f"model.init_from={align}")
+    save = train.checkpoint
+
+    def killed(run):
+        save(run)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args)
+    monkeypatch.setattr(train, "checkpoint", save)
+    cut = tmp_path / "runs" / "cut"
+    assert not (cut / "model.pt").exists()
+    assert torch.load(cut / "last.pt", weights_only=False)["step"] == json.loads(
+        (full / "metrics.json").read_text())["steps_per_epoch"]
+    train.main(args + ["train.resume=true"])
+    resumed = torch.load(cut / "model.pt", weights_only=True)["model"]
+    want = torch.load(full / "model.pt", weights_only=True)["model"]
+    assert resumed.keys() == want.keys() and all(torch.equal(resumed[k], want[k]) for k in want)
+
+
 # ----------------------------------------------------------------------------------------------- pause SFT
 
 
