@@ -21,6 +21,13 @@
         the paper's limitations 1 and 2 on a pretrained backbone, for the run's model and for the backbone it
         started from: perplexity of an item's category after its title (world knowledge kept), and how far an
         item's SID tokens are aligned with its title (embedding cosine gap; in-context top-1 retrieval)
+    python bench.py pauserec CONFIG [--seeds 1] [--jobs N] [--out DIR] [--dry-run [--tokens-per-s X]] [key=value ...]
+        the paper's pipeline on a pretrained backbone (stages.py): SID-text alignment once; from it plain SFT, pause
+        pre-training then pause SFT (k = model.num_pauses, 5 unless set), and CoT SFT; the same SFTs from the backbone
+        as loaded; every SFT on one example per user (model.pause_layout=last). One table: valid and test R@10 and
+        N@10 (mean ± std over seeds; CoT one seed), training tokens and seconds per stage, latency at batch 1 and
+        throughput at batch --time-users, the probe, MostPop and Markov. Finished runs are reused (DIR, default
+        runs/pauserec_<config stem>). --dry-run trains nothing: each run's tokens and expected seconds
 
 Timings are medians of 3 repetitions after a warm-up; compare figures from the same run only.
 """
@@ -33,7 +40,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -46,7 +53,9 @@ import common
 import data
 import evaluate
 import pauserec
+import rationales
 import sid
+import stages
 from model import GPT, ModelConfig
 
 
@@ -345,16 +354,16 @@ def over_seeds(metrics):
 RUN_KEYS = {"train.name", "train.out_dir", "train.sid_cache", "train.device", "train.threads", "train.resume"}
 
 
-def finished(run_dir, run_args):
+def finished(run_dir, run_args, ignore=()):
     """True when run_dir holds a finished run of these settings (where files live and the device aside):
     a bench that was interrupted, or whose modes were trained elsewhere (in parallel, on another machine),
-    goes on from there. A run of other settings is an error."""
+    goes on from there. A run of other settings is an error; `ignore`: more 'section.key' names that may differ."""
     if not (run_dir / "metrics.json").is_file():
         return False
     import train
     resolved = {k: asdict(v) for k, v in common.load_config(run_args[0], run_args[1:], train.SECTIONS).items()}
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    diff = train.changed_settings(saved, resolved, sections=resolved, ignore=RUN_KEYS)
+    diff = train.changed_settings(saved, resolved, sections=resolved, ignore=RUN_KEYS | set(ignore))
     if diff:
         raise ValueError(f"bench.py: {run_dir} holds a run with other settings ({'; '.join(diff)}): "
                          f"pass another --out")
@@ -534,9 +543,281 @@ def bench_probe(args, overrides):
     print(json.dumps(out))
     return out
 
+
+# ----------------------------------------------------------------------------------------------
+# The paper's pipeline (bench.py pauserec): alignment once; from it plain SFT, pause pre-training then pause SFT,
+# and CoT SFT; the same SFTs from the backbone as loaded; one table of quality, cost, latency and the probe
+
+PIPELINE_DEFAULTS = ["model.num_pauses=5"]   # k (the paper's), unless the command line sets model.num_pauses
+SFT_MODES = (("plain", "plain SFT", ["model.reasoning=none"]), ("pause", "pause SFT", ["model.reasoning=pause"]),
+             ("cot", "CoT SFT", ["model.reasoning=cot"]))
+# A finished stage is reused whatever the SFT-only settings say: train.* but these, eval.*, and the modes' keys
+STAGE_TRAIN_KEYS = {"task", "seed", "batch_size", "align_lr", "align_epochs", "pause_lr", "pause_epochs",
+                    "pause_rate", "weight_decay", "grad_clip", "warmup_steps", "min_lr", "amp"}
+SFT_MODEL_KEYS = {"num_pauses", "pause_embeddings", "latent_steps", "pause_layout", "loss_on_history",
+                  "rationale_file", "rationale_noise", "max_rationale_len", "think_pauses", "step_loss",
+                  "step_loss_weight", "step_temp"}
+
+
+def stage_ignored() -> set[str]:
+    import train
+    return ({f"train.{f.name}" for f in fields(train.TrainConfig) if f.name not in STAGE_TRAIN_KEYS}
+            | {f"eval.{f.name}" for f in fields(evaluate.EvalConfig)} | {f"model.{k}" for k in SFT_MODEL_KEYS})
+
+
+def pipeline_runs(config, overrides, out_dir: Path, seeds: int, cot_seeds: int = 1):
+    """[(row, run folder name, wave, train.py arguments)]. Waves run in order, as a run starts from one of an
+    earlier wave (model.init_from); the runs of one wave are independent (--jobs runs them at once).
+    Every SFT trains one example per user (model.pause_layout=last), as the paper does."""
+    base = [config, *PIPELINE_DEFAULTS, *overrides, f"train.out_dir={out_dir}"]
+    align, pause = out_dir / "align", out_dir / "pause_pretrain"
+    runs = [("alignment", "align", 0, [*base, "model.reasoning=none", "train.task=align", "train.name=align"]),
+            ("pause pre-training", "pause_pretrain", 1, [*base, "model.reasoning=none", f"model.init_from={align}",
+                                                         "train.task=pause_pretrain", "train.name=pause_pretrain"])]
+    for arm, prefix in (("aligned", "sft"), ("not aligned", "noalign")):
+        for mode, name, mode_args in SFT_MODES:
+            start = None if prefix == "noalign" else pause if mode == "pause" else align
+            wave = 0 if start is None else 2 if mode == "pause" else 1
+            init = [f"model.init_from={start}"] if start else []
+            for s in range(cot_seeds if mode == "cot" else seeds):
+                slug = f"{prefix}_{mode}_seed{s}"
+                runs.append((f"{arm}: {name}", slug, wave, [*base, *mode_args, "model.pause_layout=last",
+                                                            "train.task=rec", *init, f"train.seed={s}",
+                                                            f"train.name={slug}"]))
+    return runs
+
+
+def run_config(run_args):
+    import train
+    return common.load_config(run_args[0], run_args[1:], train.SECTIONS)
+
+
+def pipeline_plan(runs, tokens_per_s: float, peak_tflops: float, jobs: int = 1) -> dict:
+    """--dry-run: every run's training texts or examples, built as train.py builds them (no model is trained):
+    examples, training tokens, padding share of the batches, users and tokens of its evaluations, and the seconds
+    expected: the data loading measured here, plus the tokens at tokens_per_s (evaluation tokens at 3x that rate: a
+    forward pass is a third of a training step). Loading the weights is not counted."""
+    import train
+    loaded, out = {}, []
+    for name, slug, wave, run_args in runs:
+        cfg = run_config(run_args)
+        tcfg, mcfg = cfg["train"], cfg["model"]
+        key = json.dumps([asdict(cfg["data"]), asdict(cfg["sid"])], sort_keys=True)
+        if key not in loaded:   # one dataset and SID table for every run of the same data
+            t0 = time.time()
+            ds = data.load_dataset(cfg["data"])
+            loaded[key] = ds, train.sid_table(cfg, ds, Path(tcfg.sid_cache))[0], time.time() - t0
+        ds, codes, load_s = loaded[key]
+        if mcfg.backbone != "scratch":
+            backbones.fetch_hf(mcfg)
+        words = rationales.rationale_words(ds.item_meta, mcfg.rationale_file) if mcfg.reasoning == "cot" else []
+        tok = backbones.make_tokens(mcfg, codes, words, ds.item_meta)
+        plan = {"row": name, "run": slug, "wave": wave}
+        plan.update(plan_training(cfg, ds, tok) if tcfg.task == "rec" else plan_stage(cfg, ds, tok))
+        plan["expected_s"] = round(load_s + (plan["train_tokens"] + plan["eval_tokens"] / 3) / tokens_per_s, 1)
+        out.append(plan)
+    flops = 6 * model_size(cfg, tok)   # FLOPs of a training token, roughly (weights only, head over ours)
+    return {"tokens_per_s": tokens_per_s, "runs": out, "expected_s": round(sum(p["expected_s"] for p in out), 1),
+            "jobs": jobs, "expected_s_jobs": round(waves_seconds(out, jobs), 1), "train_flops_per_token": flops,
+            "implied_mfu": round(flops * tokens_per_s / (peak_tflops * 1e12), 3), "peak_tflops": peak_tflops}
+
+
+def waves_seconds(plans, jobs: int) -> float:
+    """Seconds of the waves one after another, each wave's runs spread over `jobs` lanes (longest first to the
+    least loaded lane), as if runs side by side did not slow one another (optimistic)."""
+    total = 0.0
+    for wave in sorted({p["wave"] for p in plans}):
+        lanes = [0.0] * jobs
+        for s in sorted((p["expected_s"] for p in plans if p["wave"] == wave), reverse=True):
+            lanes[lanes.index(min(lanes))] += s
+        total += max(lanes)
+    return total
+
+
+def model_size(cfg, tok) -> int:
+    """Weights multiplied per token: the blocks, and the head's rows (ours only with model.head=new)."""
+    model = backbones.make_model(cfg["model"], tok, pretrained=False)
+    blocks = sum(p.numel() for p in model.transformer.h.parameters())
+    return blocks + model.head_rows().numel()
+
+
+def padding_share(examples, batch_size: int) -> float:
+    """Share of pad tokens in an epoch of train.batches (length-sorted within chunks)."""
+    import train
+    order = train.batches(examples, batch_size, torch.Generator().manual_seed(0))
+    padded = sum(len(rows) * max(len(examples[i][0]) for i in rows) for rows in order)
+    return round(1 - sum(len(x[0]) for x in examples) / padded, 3)
+
+
+def plan_stage(cfg, ds, tok) -> dict:
+    tcfg = cfg["train"]
+    examples = stages.stage_examples(tcfg, cfg["model"], tok, ds.item_meta)
+    epochs = tcfg.align_epochs if tcfg.task == "align" else tcfg.pause_epochs
+    return {"examples": len(examples), "epochs": epochs, "train_tokens": epochs * sum(len(x[0]) for x in examples),
+            "padding_share": padding_share(examples, tcfg.batch_size), "eval_users": 0, "eval_tokens": 0}
+
+
+def plan_training(cfg, ds, tok) -> dict:
+    """A next-item run's tokens as train.main counts them (no early stop): epochs, then the refit; its validations
+    (eval.valid_users at each, then all users once) and the test, each user a prompt plus beam x SID tokens."""
+    import train
+    tcfg, mcfg, ecfg, max_history = cfg["train"], cfg["model"], cfg["eval"], cfg["data"].max_history
+    split = data.leave_one_out(ds.sequences, max_history)
+    rng = random.Random(tcfg.seed)
+    examples = train.training_examples(tok, mcfg, ds, split, max_history, rng)
+    refit = train.training_examples(tok, mcfg, ds, split, max_history, rng, refit=True) if tcfg.refit_epochs else []
+    steps = tcfg.epochs * math.ceil(len(examples) / tcfg.batch_size)
+    every = ecfg.every or math.ceil(len(examples) / tcfg.batch_size)
+    sample = min(ecfg.valid_users or len(split["valid"]), len(split["valid"]))
+    users = math.ceil(steps / every) * sample + len(split["valid"]) + len(split["test"])
+    per_user = ecfg.beam_size * tok.num_levels + (mcfg.max_rationale_len if mcfg.reasoning == "cot" else 0)
+    prompt = statistics.fmean(len(pauserec.build_prompt(tok, mcfg, ex.history)) for ex in split["test"])
+    return {"examples": len(examples), "epochs": tcfg.epochs,
+            "train_tokens": tcfg.epochs * sum(len(x[0]) for x in examples)
+            + tcfg.refit_epochs * sum(len(x[0]) for x in refit),
+            "padding_share": padding_share(examples, tcfg.batch_size), "eval_users": users,
+            "eval_tokens": round(users * (prompt + per_user))}
+
+
+def print_plan(plan):
+    keys = ["run", "wave", "examples", "epochs", "train_tokens", "padding_share", "eval_users", "eval_tokens",
+            "expected_s"]
+    print("| " + " | ".join(k.replace("_", " ") for k in keys) + " |\n|" + "---|" * len(keys))
+    for p in plan["runs"]:
+        print("| " + " | ".join(str(p[k]) for k in keys) + " |")
+    print(f"total: {plan['expected_s']:.0f} s ({plan['expected_s'] / 60:.1f} min) one run after another at "
+          f"{plan['tokens_per_s']:.0f} training tokens/s (an assumption; implied MFU {plan['implied_mfu']:.1%} of "
+          f"{plan['peak_tflops']:.0f} TFLOP/s at {plan['train_flops_per_token'] / 1e6:.0f} MFLOP per token)")
+    if plan["jobs"] > 1:
+        print(f"with --jobs {plan['jobs']}: {plan['expected_s_jobs']:.0f} s if runs side by side kept that rate each "
+              f"(optimistic)")
+
+
+def probe_items(item_meta, n: int, seed: int = 0) -> list[int]:
+    titled = [i for i, m in enumerate(item_meta) if m.get("title") and m.get("category")]
+    return sorted(random.Random(seed).sample(titled, min(n, len(titled))))
+
+
+def sft_row(name, metrics: list[dict]) -> dict:
+    """An SFT's row: R@10 and N@10 (valid and test) as mean and std over its seeds, training tokens and seconds."""
+    summary = over_seeds(metrics)
+    row = {"system": name, "seeds": len(metrics)}
+    for split in ("valid", "test"):
+        row[split] = {k: summary[split][k]["mean"] for k in ("recall@10", "ndcg@10")}
+        row[split + "_std"] = {k: summary[split][k]["std"] for k in ("recall@10", "ndcg@10")}
+    row["train_tokens"] = round(statistics.fmean(m["train_tokens"] for m in metrics))
+    row["train_seconds"] = summary["train_seconds"]["mean"]
+    return row
+
+
+def pipeline_rows(runs, out_dir: Path) -> list[dict]:
+    """Rows from the runs' metrics.json: MostPop and Markov, the backbone and the stages (cost), each SFT (metrics
+    over its seeds, cost). "run": the run folder whose model the row's latency and probe are measured on."""
+    first = {}                                       # row name -> its first run's folder name
+    for name, slug, _, _ in runs:
+        first.setdefault(name, slug)
+    metrics = {n: [json.loads((out_dir / s / "metrics.json").read_text()) for m, s, _, _ in runs if m == n]
+               for n in first}
+    sft = [n for n in first if ":" in n]
+    base = metrics[sft[0]][0]
+    rows = [{"system": b, "valid": {k: base["baselines_valid"][b.lower()][k] for k in ("recall@10", "ndcg@10")},
+             "test": {k: base["baselines"][b.lower()][k] for k in ("recall@10", "ndcg@10")}}
+            for b in ("MostPop", "Markov")]
+    rows.append({"system": "backbone as loaded", "run": first["alignment"]})
+    rows += [{"system": n, "run": first[n], "train_tokens": metrics[n][0]["train_tokens"],
+              "train_seconds": metrics[n][0]["train_seconds"]} for n in first if ":" not in n]
+    for n in sft:
+        k = yaml.safe_load((out_dir / first[n] / "config.yaml").read_text())["model"]["num_pauses"]
+        rows.append({**sft_row(n + (f" (k={k})" if "pause" in n else ""), metrics[n]), "run": first[n]})
+    return rows
+
+
+def time_and_probe(args, rows, out_dir: Path):
+    """Adds to the rows that name a run: the SFTs' latency (ms per user at batch 1, users/s at batch --time-users;
+    interleaved rounds), and every model's probe (the backbone row: the model as loaded, our rows at their mean)."""
+    timed, probed = [], []
+    for row in [r for r in rows if "run" in r]:
+        cfg, ds, codes, tok, model = evaluate.load_run(out_dir / row["run"], args.where, args.device)
+        if row["system"] == "backbone as loaded":
+            torch.manual_seed(0)
+            model = backbones.make_model(cfg["model"], tok).to(args.device)
+        probed.append((row, model, tok, cfg, ds))
+        if "test" in row:
+            mcfg, ecfg, trie = cfg["model"], cfg["eval"], pauserec.SIDTrie(codes)
+            test, n = data.leave_one_out(ds.sequences, cfg["data"].max_history)["test"], args.time_users
+            for batch, users in ((1, test[: max(1, n // 16)]), (n, test[:n])):
+                fn = functools.partial(evaluate.recommend, model, tok, mcfg, trie, users, ecfg.beam_size,
+                                       max(ecfg.ks), batch, args.device, None)
+                timed.append((row, batch, fn, len(users)))
+    for (row, batch, _, count), seconds in zip(timed, interleaved_medians([t[2] for t in timed])):
+        if batch == 1:
+            row["ms_per_user_batch1"] = round(1e3 * seconds / count, 2)
+        else:
+            row["users_per_s_batch"] = round(count / seconds, 1)
+    for row, model, tok, cfg, ds in probed:
+        text = bpe.load_tokenizer(cfg["model"].hf_dir)
+        row.update(probe(model, tok, text, ds.item_meta, probe_items(ds.item_meta, args.probe_items)))
+
+
+def print_pipeline(rows, time_users: int):
+    head = ["system", "valid R@10", "valid N@10", "test R@10", "test N@10", "train tokens", "train s",
+            "ms/user b1", f"users/s b{time_users}", "verbalization ppl", "SID/title cos gap", "SID->title top-1"]
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+
+    def cell(r, split, key):
+        if split not in r:
+            return ""
+        std = r.get(split + "_std")
+        return f"{r[split][key]:.4f}" + (f" ± {std[key]:.4f}" if std and r["seeds"] > 1 else "")
+
+    for r in rows:
+        get = functools.partial(lambda r, k, f: format(r[k], f) if k in r else "", r)
+        cells = [r["system"] + (f" ({r['seeds']} seeds)" if r.get("seeds", 1) > 1 else ""),
+                 cell(r, "valid", "recall@10"), cell(r, "valid", "ndcg@10"), cell(r, "test", "recall@10"),
+                 cell(r, "test", "ndcg@10"), get("train_tokens", ","), get("train_seconds", ".1f"),
+                 get("ms_per_user_batch1", ".1f"), get("users_per_s_batch", ".1f"), get("verbalization_ppl", ".2f"),
+                 get("sid_title_cos_gap", ".4f"), get("sid_to_title_top1", ".3f")]
+        print("| " + " | ".join(cells) + " |")
+    if any("chance_top1" in r for r in rows):
+        print(f"(SID->title top-1: chance {next(r['chance_top1'] for r in rows if 'chance_top1' in r):.3f})")
+
+
+def bench_pauserec(args, overrides):
+    import train
+    check_counts(args, "pauserec")
+    out_dir = Path(args.out or f"runs/pauserec_{Path(args.config).stem}")
+    runs = pipeline_runs(args.config, overrides, out_dir, args.seeds)
+    for run in runs:    # refuse bad settings before anything is built or trained
+        run_config(run[3])
+    if args.dry_run:
+        plan = pipeline_plan(runs, args.tokens_per_s, args.peak_tflops, args.jobs)
+        print_plan(plan)
+        print(json.dumps(plan))
+        return plan
+    t0, ignored = time.time(), stage_ignored()
+    for wave in range(3):
+        todo = [(n, s, a) for n, s, w, a in runs if w == wave
+                and not finished(out_dir / s, a, ignored if n in ("alignment", "pause pre-training") else ())]
+        train_modes(args, todo)
+    wall = time.time() - t0
+    now = run_config(runs[-1][3])   # this machine's settings (the runs may have been trained elsewhere)
+    args.device = train.pick_device(now["train"].device)
+    if now["train"].threads:
+        torch.set_num_threads(now["train"].threads)
+    args.where = [f"data.dir={now['data'].dir}"] if now["data"].dir else []
+    rows = pipeline_rows(runs, out_dir)
+    time_and_probe(args, rows, out_dir)
+    print_pipeline(rows, args.time_users)
+    result = {"config": args.config, "overrides": overrides, "seeds": args.seeds, "out": str(out_dir), "rows": rows,
+              "train_wall_seconds": round(wall), "wall_seconds": round(time.time() - t0)}
+    (out_dir / "pauserec.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
+    return result
+
+
 def main(argv):
     import train  # for the config keys that `reasoning` passes on to train.py
-    keys = ("reasoning and seeds pass their key=value arguments on to train.py.\n\n"
+    keys = ("reasoning, seeds and pauserec pass their key=value arguments on to train.py.\n\n"
             + common.cli_help("", train.SECTIONS))
     raw = argparse.RawDescriptionHelpFormatter   # keeps the docstring's and the key list's lines
     parser = common.Parser(description=__doc__, formatter_class=raw, epilog=keys, prog="bench.py")
@@ -571,6 +852,17 @@ def main(argv):
     s.add_argument("--out", default="", help="folder of the runs (default runs/seeds_<config stem>)")
     s.add_argument("--jobs", type=int, default=1, help="runs trained at once, as separate processes "
                    "(their train seconds then overlap)")
+    q = sub.add_parser("pauserec", formatter_class=raw, epilog=keys)
+    q.add_argument("config")
+    q.add_argument("--seeds", type=int, default=1, help="plain and pause SFTs with train.seed 0..N-1 (CoT: one)")
+    q.add_argument("--out", default="", help="folder of the runs (default runs/pauserec_<config stem>)")
+    q.add_argument("--jobs", type=int, default=1, help="runs of one wave trained at once, as separate processes")
+    q.add_argument("--dry-run", action="store_true", help="print each run's tokens and expected seconds, train nothing")
+    q.add_argument("--tokens-per-s", type=float, default=150000.0, help="--dry-run: training tokens per second assumed")
+    q.add_argument("--peak-tflops", type=float, default=989.0, help="--dry-run: the accelerator's peak (for the MFU "
+                   "that --tokens-per-s implies; 989: H100/H200 dense bf16)")
+    q.add_argument("--time-users", type=int, default=256, help="test users timed at batch N (and N/16 at batch 1)")
+    q.add_argument("--probe-items", type=int, default=200, help="items of the limitation probe")
     args, rest = parser.parse_known_args(argv)
     if args.command == "beam":
         if rest:
@@ -580,6 +872,8 @@ def main(argv):
         return bench_seeds(args, rest)
     if args.command == "probe":
         return bench_probe(args, rest)
+    if args.command == "pauserec":
+        return bench_pauserec(args, rest)
     return bench_reasoning(args, rest)
 
 

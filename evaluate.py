@@ -148,6 +148,8 @@ def check_ablation(mcfg, how: str):
     if pauserec.num_slots(mcfg) == 0:
         raise ValueError(f"--ablate-pauses needs a run with pauses or latent steps (model.reasoning=pause with "
                          f"num_pauses > 0, or latent), got reasoning={mcfg.reasoning}")
+    if mcfg.think_pauses:   # its prompts end with </think>, not with the pauses that ablated_prefill knocks out
+        raise ValueError("--ablate-pauses does not support runs with model.think_pauses")
 
 
 def ablated_prefill(model, tok, mcfg, prompts, cache, how: str):

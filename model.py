@@ -56,6 +56,8 @@ class ModelConfig:
     step_temp: float = 2.0         # step_loss progressive: temperature base (1: no annealing)
     pause_layout: str = "every_item"  # every_item: all of a sequence's items trained in one pass, M pauses
                                    #   before each | target: one example per target, M pauses before it only
+                                   #   | last: as target, one example per user (its last training item; the paper's)
+    think_pauses: bool = False     # pause (layouts target, last): the M pauses between <think> and </think>
     loss_on_history: bool = False  # also supervise the history items' SID tokens (all but the first item)
     rationale_file: str = ""       # cot: JSONL {"key": "<user>:<target>", "rationale": ..} replaces templates
     rationale_noise: float = 0.0   # cot: probability that a rationale is replaced by another item's template
@@ -71,6 +73,7 @@ class ModelConfig:
     prompt: str = "sids"           # sids | sids+titles: each history item as its title (text tokens), then its SID
     max_title_len: int = 24        # sids+titles: text tokens kept per title
     train_only_new_tokens: bool = False  # pretrained: freeze its weights, train only our token rows (new_rows)
+    init_from: str = ""            # a run folder whose model.pt starts training (stages.load_init: same SIDs, shapes)
 
     def __post_init__(self):
         for key in ("n_layer", "n_head", "d_model", "max_len"):
@@ -87,7 +90,8 @@ class ModelConfig:
             raise ValueError(f"model.n_head ({self.n_head}) must divide by model.n_kv_head ({self.n_kv_head})")
         for key, ok in (("norm", ("layernorm", "rmsnorm")), ("mlp", ("gelu", "swiglu")), ("pos", ("learned", "rope")),
                         ("head", ("full", "new")), ("reasoning", ("none", "pause", "cot", "latent")),
-                        ("pause_layout", ("target", "every_item")), ("pause_embeddings", ("shared", "distinct")),
+                        ("pause_layout", ("target", "every_item", "last")),
+                        ("pause_embeddings", ("shared", "distinct")),
                         ("backbone", ("scratch",) + BACKBONES), ("prompt", ("sids", "sids+titles"))):
             if getattr(self, key) not in ok:
                 raise ValueError(f"model.{key} must be {' | '.join(ok)}, got {getattr(self, key)!r}")
@@ -100,9 +104,9 @@ class ModelConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.reasoning == "latent":
-            if self.pause_layout != "target":
-                raise ValueError(f"model.reasoning=latent needs model.pause_layout=target (one example per target, "
-                                 f"the K latent steps before it), got {self.pause_layout!r}")
+            if self.pause_layout == "every_item":
+                raise ValueError(f"model.reasoning=latent needs model.pause_layout=target or last (one example per "
+                                 f"target, the K latent steps before it), got {self.pause_layout!r}")
             if self.latent_steps < 1:
                 raise ValueError(f"model.latent_steps must be >= 1 with reasoning=latent, got {self.latent_steps}")
             if self.loss_on_history:
@@ -112,6 +116,10 @@ class ModelConfig:
             raise ValueError(f"model.step_loss must be none | draft | progressive, got {self.step_loss!r}")
         if self.reasoning != needs:
             raise ValueError(f"model.step_loss={self.step_loss} needs model.reasoning={needs}, got {self.reasoning}")
+        if self.think_pauses and (self.reasoning != "pause" or self.pause_layout == "every_item"):
+            raise ValueError("model.think_pauses needs model.reasoning=pause and model.pause_layout target or last")
+        if self.think_pauses and self.step_loss == "draft":   # </think>, not the SID, follows the pauses
+            raise ValueError("model.step_loss=draft needs the pauses right before the SID: not with model.think_pauses")
         if self.step_loss_weight < 0 or self.step_temp <= 0:
             raise ValueError(f"model.step_loss_weight must be >= 0 and model.step_temp > 0, got "
                              f"{self.step_loss_weight}, {self.step_temp}")

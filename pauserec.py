@@ -118,6 +118,13 @@ def num_slots(cfg: ModelConfig) -> int:
     return cfg.latent_steps if cfg.reasoning == "latent" else cfg.active_pauses
 
 
+def _slots(tok: Tokens, cfg: ModelConfig) -> list[int]:
+    """The tokens between the history and the target's SID: num_slots <pause> ids, inside <think> .. </think> with
+    think_pauses (a chat template's thinking)."""
+    slots = [tok.PAUSE] * num_slots(cfg)
+    return [tok.THINK, *slots, tok.END_THINK] if cfg.think_pauses else slots
+
+
 def _history(tok: Tokens, cfg: ModelConfig, history, supervise: bool):
     """[BOS] + history SIDs (with M pauses before each item in the every_item layout), and its loss mask.
 
@@ -151,7 +158,7 @@ def _reserve(tok: Tokens, cfg: ModelConfig) -> int:
     """Tokens after the history, up to the end of the target: pauses or the longest rationale, then the SID."""
     if cfg.reasoning == "cot":
         return cfg.max_rationale_len + 2 + tok.num_levels
-    return num_slots(cfg) + tok.num_levels
+    return len(_slots(tok, cfg)) + tok.num_levels
 
 
 def _check_len(ids, cfg: ModelConfig):
@@ -166,7 +173,7 @@ def build_prompt(tok: Tokens, cfg: ModelConfig, history: list[int]) -> list[int]
     if cfg.reasoning == "cot":
         ids.append(tok.THINK)
     else:
-        ids += [tok.PAUSE] * num_slots(cfg)
+        ids += _slots(tok, cfg)
     return _check_len(ids, cfg)
 
 
@@ -175,7 +182,7 @@ def build_example(tok: Tokens, cfg: ModelConfig, history: list[int], target: int
     """One training example: (ids, loss_mask); loss_mask[i] True = ids[i] is supervised.
 
       none : [BOS] sid(h1) .. sid(hn) sid(target)
-      pause: [BOS] sid(h1) .. sid(hn) <pause>*M sid(target)          (pause_layout 'target')
+      pause: [BOS] sid(h1) .. sid(hn) <pause>*M sid(target)          (pause_layout 'target' or 'last')
              [BOS] (<pause>*M sid(h1)) .. (<pause>*M sid(hn)) <pause>*M sid(target)   ('every_item')
       cot  : [BOS] sid(h1) .. sid(hn) <think> w1 .. wk </think> sid(target)
       latent: [BOS] sid(h1) .. sid(hn) <slot>*K sid(target)       (slots: the <pause> id, read as latent steps)
@@ -183,8 +190,7 @@ def build_example(tok: Tokens, cfg: ModelConfig, history: list[int], target: int
     With prompt sids+titles every sid(h) is preceded by h's title, and the oldest items are dropped
     until the example fits model.max_len.
     """
-    history = _fit(tok, cfg, history, _reserve(tok, cfg))
-    ids, mask = _history(tok, cfg, history, cfg.loss_on_history)
+    ids, mask = _history(tok, cfg, _fit(tok, cfg, history, _reserve(tok, cfg)), cfg.loss_on_history)
     if cfg.reasoning == "cot":
         if rationale is None:
             raise ValueError("build_example: reasoning=cot needs a rationale (token ids)")
@@ -192,8 +198,8 @@ def build_example(tok: Tokens, cfg: ModelConfig, history: list[int], target: int
         ids += [tok.THINK] + words + [tok.END_THINK]
         mask += [False] + [True] * (len(words) + 1)
     else:
-        ids += [tok.PAUSE] * num_slots(cfg)
-        mask += [False] * num_slots(cfg)
+        slots = _slots(tok, cfg)
+        ids, mask = ids + slots, mask + [False] * len(slots)
     ids += tok.sid(target)
     mask += [True] * tok.num_levels
     return _check_len(ids, cfg), mask
@@ -217,8 +223,7 @@ def build_sequence_example(tok: Tokens, cfg: ModelConfig, items: list[int]) -> t
 
 
 def collate(examples, pad: int = Tokens.PAD) -> tuple[torch.Tensor, torch.Tensor]:
-    """List of (ids, loss_mask) -> ids [B, T] right-padded with pad (tok.PAD), loss_mask [B, T] bool
-    (False on pads)."""
+    """List of (ids, loss_mask) -> ids [B, T] right-padded with pad (tok.PAD), loss_mask [B, T] bool (False on pads)."""
     T = max(len(ids) for ids, _ in examples)
     ids = torch.full((len(examples), T), pad, dtype=torch.long)
     mask = torch.zeros((len(examples), T), dtype=torch.bool)

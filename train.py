@@ -5,6 +5,7 @@
     python train.py configs/beauty.yaml train.resume=true   # continue an interrupted run
     torchrun --nproc_per_node=4 train.py configs/beauty.yaml data.dir=PATH   # data parallel on 4 GPUs
     python train.py --help                                  # every config key, its default and meaning
+    python train.py CONFIG train.task=align                 # a stage of the paper's pipeline (stages.py)
 
 Writes runs/<name>/: config.yaml, sids.pt, model.pt (best on validation, eval.select: NDCG@10), last.pt (for resume),
 log.jsonl and metrics.json. The test split is evaluated once, at the end, with the best checkpoint --
@@ -36,6 +37,7 @@ import evaluate
 import pauserec
 import rationales
 import sid
+import stages
 from model import ModelConfig
 
 
@@ -64,6 +66,14 @@ class TrainConfig:
                                  #   sequences that keep their validation item (what the test input and the
                                  #   Markov baseline see), then test; 0: test the chosen checkpoint as it is
     refit_lr: float = 5e-4       # the refit's peak lr (fresh AdamW state, warmup_steps, cosine to min_lr)
+    # the paper's stages before SFT (stages.py; pretrained backbones, one process, no validation or test)
+    task: str = "rec"            # rec: next-item training | align: SID <-> text alignment texts | pause_pretrain:
+                                 #   those texts with <pause> inserted, only the <pause> row trained
+    align_lr: float = 1e-4       # align: peak lr (warmup_steps, cosine to min_lr)
+    align_epochs: int = 3        # align: epochs over the texts
+    pause_lr: float = 1e-3       # pause_pretrain: peak lr of the <pause> row
+    pause_epochs: int = 2        # pause_pretrain: epochs over the texts
+    pause_rate: float = 0.1      # pause_pretrain: chance of a <pause> before each token of a text
 
 
 SECTIONS = {"data": data.DataConfig, "sid": sid.SIDConfig, "model": ModelConfig,
@@ -71,15 +81,19 @@ SECTIONS = {"data": data.DataConfig, "sid": sid.SIDConfig, "model": ModelConfig,
 
 
 def check_train_config(cfg: TrainConfig):
-    for key in ("epochs", "batch_size", "log_every"):
+    for key in ("epochs", "batch_size", "log_every", "align_epochs", "pause_epochs"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"train.{key} must be > 0, got {getattr(cfg, key)}")
-    for key in ("lr", "grad_clip", "refit_lr"):
+    for key in ("lr", "grad_clip", "refit_lr", "align_lr", "pause_lr"):
         if getattr(cfg, key) <= 0:
             raise ValueError(f"train.{key} must be > 0, got {getattr(cfg, key)}")
     for key in ("min_lr", "warmup_steps", "weight_decay", "patience", "threads", "refit_epochs"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"train.{key} must be >= 0, got {getattr(cfg, key)}")
+    if cfg.task not in ("rec", "align", "pause_pretrain"):
+        raise ValueError(f"train.task must be rec | align | pause_pretrain, got {cfg.task!r}")
+    if not 0.0 <= cfg.pause_rate < 1.0:
+        raise ValueError(f"train.pause_rate must be in [0, 1), got {cfg.pause_rate}")
     if not re.fullmatch(r"auto|cpu|cuda|cuda:\d+|mps", cfg.device):
         raise ValueError(f"train.device must be auto, cpu, cuda, cuda:N or mps, got {cfg.device!r}")
 
@@ -131,6 +145,8 @@ def training_examples(tok, mcfg, ds, split, max_history, rng, refit=False):
                 out.append(pauserec.build_sequence_example(tok, mcfg, seq[max(0, end - max_history - 1):end]))
         return out
     targets = split["train"] + (split["valid"] if refit else [])
+    if mcfg.pause_layout == "last":   # one example per user: its last target (dict: a user's later ones win)
+        targets = list({ex.user: ex for ex in targets}.values())
     rationale_ids = None
     if mcfg.reasoning == "cot":
         rationale_ids = rationales.example_rationales(tok, mcfg, targets, ds.item_meta, rng)
@@ -213,14 +229,15 @@ def init_distributed(device: str):
 
 
 class BatchLoss(torch.nn.Module):
-    """pauserec.training_loss as a forward(): DDP and torch.compile hook forward(), not other functions."""
+    """A batch loss as a forward(): DDP and torch.compile hook forward(), not other functions. loss_fn:
+    pauserec.training_loss, or stages.text_loss (train.task align | pause_pretrain: softmax over all tokens)."""
 
-    def __init__(self, model):
+    def __init__(self, model, loss_fn=pauserec.training_loss):
         super().__init__()
-        self.model = model
+        self.model, self.loss_fn = model, loss_fn
 
     def forward(self, ids, loss_mask):
-        return pauserec.training_loss(self.model, ids, loss_mask)
+        return self.loss_fn(self.model, ids, loss_mask)
 
 
 def shard(rows, examples, rank, world):
@@ -269,6 +286,7 @@ class Run:
         self.best, self.train_seconds = -1.0, 0.0      # best validation eval.select; seconds in training steps
         self.stop = False                              # early stop (train.patience)
         self.tokens, self.t_log = 0, 0.0               # tokens since the last loss record, and its time
+        self.last_loss = None                          # the last step's loss (a stage's metrics.json)
 
 
 def parse_args(argv) -> tuple[dict, Path]:
@@ -290,6 +308,8 @@ def setup(argv) -> Run:
     config printed and the seeds set."""
     cfg, run_dir = parse_args(argv)
     run = Run(cfg, run_dir, *init_distributed(pick_device(cfg["train"].device)))
+    if run.world > 1 and run.tcfg.task != "rec":
+        raise ValueError(f"train.task={run.tcfg.task} runs in one process: start it with python, not torchrun")
     check_run_dir(run_dir, run.tcfg.resume, run.resolved)
     t0 = time.time()
     run.ds = data.load_dataset(cfg["data"])   # a missing file, malformed line or failed download ends here
@@ -319,6 +339,9 @@ def prepare(run: Run):
     run.words = rationales.rationale_words(ds.item_meta, mcfg.rationale_file) if mcfg.reasoning == "cot" else []
     run.tok = backbones.make_tokens(mcfg, run.codes, run.words, ds.item_meta)
     run.trie = pauserec.SIDTrie(run.codes)
+    if tcfg.task != "rec":   # align | pause_pretrain: the item texts (stages.py); no validation, no refit
+        run.examples, run.refit_examples, run.valid = stages.stage_examples(tcfg, mcfg, run.tok, ds.item_meta), [], []
+        return
     rng = random.Random(tcfg.seed)
     max_history = run.cfg["data"].max_history
     run.examples = training_examples(run.tok, mcfg, ds, run.split, max_history, rng)
@@ -352,15 +375,22 @@ def build(run: Run):
     resuming, the training forward (optionally compiled and under DDP); then the run folder is written."""
     tcfg = run.tcfg
     model = run.model = backbones.make_model(run.mcfg, run.tok).to(run.device)
+    if run.mcfg.init_from:   # another run's weights (a stage of the paper's pipeline)
+        stages.load_init(model, run.tok, run.codes, run.mcfg.init_from)
+    pause_only = tcfg.task == "pause_pretrain"
+    if pause_only:   # the <pause> row starts at the mean of all rows and is the only weight trained
+        stages.init_pause_row(model, run.tok, torch.Generator().manual_seed(tcfg.seed))
+        stages.train_only_pause_row(model, run.tok)
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocabulary {run.tok.size}")
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    wd = 0.0 if run.mcfg.train_only_new_tokens else tcfg.weight_decay  # decay would shrink the frozen GPT-2 rows
+    # decay would shrink the frozen GPT-2 rows, or (pause_pretrain) the rows that share the <pause> row's table
+    wd = 0.0 if run.mcfg.train_only_new_tokens or pause_only else tcfg.weight_decay
     run.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": wd},
                                        {"params": no_decay, "weight_decay": 0.0}], lr=tcfg.lr, betas=(0.9, 0.98))
     if tcfg.resume:
         resume_from_last(run)
-    run.train_loss = BatchLoss(model)   # the training forward: pauserec.training_loss
+    run.train_loss = BatchLoss(model, pauserec.training_loss if tcfg.task == "rec" else stages.text_loss)
     if tcfg.compile:
         run.train_loss = torch.compile(run.train_loss)
     if run.world > 1:
@@ -394,17 +424,23 @@ def log(run: Run, record: dict):
 
 
 class Phase:
-    """One pass of the epoch loop: training (counter 'step', validation, early stop) or the refit on the
-    validation targets too (counter 'refit_step', no validation; its epochs number on after the main ones)."""
+    """One pass of the epoch loop: training (counter 'step', validation, early stop), the refit on the
+    validation targets too (counter 'refit_step', no validation; its epochs number on after the main ones), or
+    a stage, train.task align | pause_pretrain (counter 'step', its own epochs and lr, no validation)."""
 
     def __init__(self, run: Run, refit: bool):
         tcfg = run.tcfg
         self.refit, self.counter = refit, "refit_step" if refit else "step"
+        self.validates = not refit and tcfg.task == "rec"
         self.examples = run.refit_examples if refit else run.examples
         self.steps_per_epoch = math.ceil(len(self.examples) / tcfg.batch_size)
-        self.total = (tcfg.refit_epochs if refit else tcfg.epochs) * self.steps_per_epoch
+        epochs, lr = {"rec": (tcfg.epochs, tcfg.lr), "align": (tcfg.align_epochs, tcfg.align_lr),
+                      "pause_pretrain": (tcfg.pause_epochs, tcfg.pause_lr)}[tcfg.task]
+        if refit:
+            epochs, lr = tcfg.refit_epochs, tcfg.refit_lr
+        self.total = epochs * self.steps_per_epoch
         self.first_epoch = tcfg.epochs if refit else 0
-        self.lr_cfg = replace(tcfg, lr=tcfg.refit_lr) if refit else tcfg
+        self.lr_cfg = replace(tcfg, lr=lr)
 
 
 def train_step(run: Run, phase: Phase, rows, epoch: int):
@@ -424,6 +460,7 @@ def train_step(run: Run, phase: Phase, rows, epoch: int):
     (loss * weight).backward()
     torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.tcfg.grad_clip)
     run.optimizer.step()
+    run.last_loss = loss.detach()
     real_tokens = sum(len(phase.examples[i][0]) for i in rows)  # the whole batch, on every rank
     run.tokens, run.train_tokens = run.tokens + real_tokens, run.train_tokens + real_tokens
     run.train_seconds += time.time() - t_step
@@ -472,11 +509,11 @@ def fit(run: Run, phase: Phase):
         seed = tcfg.seed * 1000 + phase.first_epoch + epoch
         for rows in batches(phase.examples, tcfg.batch_size, torch.Generator().manual_seed(seed))[skip:]:
             train_step(run, phase, rows, phase.first_epoch + epoch)
-            if not phase.refit and (run.step % eval_every == 0 or run.step == phase.total):
+            if phase.validates and (run.step % eval_every == 0 or run.step == phase.total):
                 validate(run, epoch)
                 if run.stop:
                     break
-        if phase.refit:
+        if not phase.validates:   # the refit, a stage: last.pt at each epoch's end
             checkpoint(run)
 
 
@@ -528,6 +565,20 @@ def final_test(run: Run, training: Phase, refitting: Phase) -> dict:
     return metrics
 
 
+def stage_end(run: Run, phase: Phase) -> dict:
+    """A stage's model.pt, and metrics.json with its cost (task, examples, tokens, seconds, steps, the last step's
+    loss): there is nothing to recommend yet, so no validation or test."""
+    common.atomic_save({"model": run.model.state_dict(), "words": run.words, "step": run.step},
+                       run.run_dir / "model.pt")
+    loss = None if run.last_loss is None else round(run.last_loss.item(), 4)   # None: resumed after its end
+    metrics = {"task": run.tcfg.task, "examples": len(run.examples), "train_seconds": round(run.train_seconds, 1),
+               "train_tokens": run.train_tokens, "steps": run.step, "steps_per_epoch": phase.steps_per_epoch,
+               "final_loss": loss, "sid": run.sid_health}
+    (run.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    print(json.dumps({**metrics, "run": str(run.run_dir)}))
+    return metrics
+
+
 def main(argv):
     run = setup(argv)               # config, run folder and data checked; config printed; seeds set
     prepare(run)                    # split, SIDs, tokens, trie, training examples
@@ -537,6 +588,9 @@ def main(argv):
                    disable=None if run.rank == 0 else True)
     run.tokens, run.t_log = 0, time.time()
     fit(run, training)              # training, validation, model.pt on a better eval.select, early stop
+    if run.tcfg.task != "rec":      # align | pause_pretrain: model.pt and the cost, nothing to recommend yet
+        run.bar.close()
+        return stage_end(run, training)
     refit(run, refitting)           # the chosen checkpoint learns the validation targets too
     run.bar.close()
     return final_test(run, training, refitting)

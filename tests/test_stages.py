@@ -1,0 +1,282 @@
+"""Tests of the paper's pipeline (stages.py, train.task, model.init_from, layout last, think_pauses, bench.py pauserec)
+on a tiny random Llama saved by `transformers` (skipped without it), with a GPT-2-style tokenizer, and the demo
+catalogue."""
+
+import json
+import os
+import random
+import re
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from test_gpt2 import write_tokenizer  # noqa: E402
+from test_train import tiny_args  # noqa: E402
+
+import backbones as bb  # noqa: E402
+import bench  # noqa: E402
+import bpe  # noqa: E402
+import data  # noqa: E402
+import evaluate  # noqa: E402
+import pauserec as pr  # noqa: E402
+import sid  # noqa: E402
+import stages  # noqa: E402
+import train  # noqa: E402
+from model import ModelConfig  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def tiny_llama(folder):
+    """A random 2-block Llama (GQA, tied embeddings) over the test tokenizer's vocabulary, saved by transformers."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    folder.mkdir(parents=True, exist_ok=True)
+    V = write_tokenizer(folder)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                      tie_word_embeddings=True)
+    transformers.LlamaForCausalLM(config).save_pretrained(str(folder))
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return tiny_llama(tmp_path_factory.mktemp("llama"))
+
+
+def llama_args(tmp_path, folder, *extra):
+    return tiny_args(tmp_path, "model.backbone=hf", f"model.hf_dir={folder}", "model.max_len=96", "model.head=new",
+                     "model.reasoning=none", "train.epochs=1", "train.align_epochs=1", "train.pause_epochs=2",
+                     *extra)
+
+
+def stage(tmp_path, folder, task, *extra):
+    """Runs train.task=task as train.name=task (under tmp_path/runs) and returns its run folder."""
+    train.main(llama_args(tmp_path, folder, f"train.task={task}", f"train.name={task}", *extra))
+    return tmp_path / "runs" / task
+
+
+def demo_tokens(folder, n_items=60):
+    meta = data.load_synthetic(data.DataConfig(source="synthetic", num_items=n_items, num_users=10)).item_meta
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randperm(8 * 8, generator=g)[:n_items]
+    codes = torch.stack([codes // 8, codes % 8], 1)           # unique 2-level SIDs
+    cfg = ModelConfig(backbone="hf", hf_dir=folder, max_len=96, head="new")
+    return cfg, bb.make_tokens(cfg, codes), meta, codes
+
+
+# ----------------------------------------------------------------------------------------------- alignment texts
+
+
+def test_alignment_texts_pair_each_sid_with_its_own_text_both_ways(llama):
+    cfg, tok, meta, _ = demo_tokens(llama)
+    text = bpe.load_tokenizer(llama)
+    examples = stages.alignment_examples(tok, text, meta, max_title_len=24)
+    assert len(examples) == 2 * len(meta)
+    for i, m in enumerate(meta):
+        desc = stages.describe(text, m, 24)
+        assert text.decode(desc) == f" {m['title']}. Category: {m['category']}."
+        (ids, mask), (ids2, mask2) = examples[2 * i], examples[2 * i + 1]
+        supervised = [t for t, s in zip(ids, mask) if s]
+        prompt = [t for t, s in zip(ids, mask) if not s]
+        assert supervised == desc and ids[-len(desc):] == desc          # SID -> text: the text is the answer
+        n_is, L = len(text.encode(" is")), tok.num_levels
+        assert ids[0] == tok.BOS and prompt[len(prompt) - n_is - L: len(prompt) - n_is] == tok.sid(i)
+        assert [t for t, s in zip(ids2, mask2) if s] == tok.sid(i) == ids2[-tok.num_levels:]   # text -> SID
+        assert ids2[1:1 + len(desc)] == desc and not any(mask2[:-tok.num_levels])
+    # an item without a title has no texts; the pause insertion adds unsupervised pauses only
+    assert stages.alignment_examples(tok, text, [{"title": None}, meta[1]], 24) == examples[2:4]
+    ids, mask = examples[0]
+    pids, pmask = stages.insert_pauses(tok, examples[0], 0.5, random.Random(0))
+    assert tok.PAUSE in pids and pids[0] == tok.BOS
+    assert [t for t in pids if t != tok.PAUSE] == ids and [m for t, m in zip(pids, pmask) if t != tok.PAUSE] == mask
+    assert not any(m for t, m in zip(pids, pmask) if t == tok.PAUSE)
+
+
+# ----------------------------------------------------------------------------------------------- pause pre-training
+
+
+def test_pause_row_starts_at_the_mean_of_all_rows(llama):
+    cfg, tok, _, _ = demo_tokens(llama)
+    model = bb.make_model(cfg, tok)
+    with torch.no_grad():   # our rows far from the text rows, so that the mean of all rows is not the text mean
+        model.transformer.wte.weight[tok.base:].normal_(3.0, 1.0)
+    rows = model.transformer.wte.weight.detach().clone()
+    stages.init_pause_row(model, tok, torch.Generator().manual_seed(0))
+    pause = model.transformer.wte.weight[tok.PAUSE].detach()
+    spread = (pause - rows.mean(0)).abs() / rows.std(0)
+    assert 0 < spread.max() <= 5 * stages.PAUSE_SPREAD
+    assert (pause - rows[:tok.base].mean(0)).abs().min() > 0.1
+
+
+def test_pause_pretraining_changes_only_the_pause_row(tmp_path, llama):
+    """align, then pause_pretrain from it: every tensor of the model is bit-identical except the <pause> row of the
+    (tied) embedding, which has moved from its initial mean."""
+    align = stage(tmp_path, llama, "align")
+    run = stage(tmp_path, llama, "pause_pretrain", f"model.init_from={align}", "train.pause_rate=0.3")
+    before = torch.load(align / "model.pt", weights_only=True)["model"]
+    after = torch.load(run / "model.pt", weights_only=True)["model"]
+    assert before.keys() == after.keys()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed == ["transformer.wte.weight", "lm_head.weight"]     # one tied table, saved under both names
+    tok_base = bb.hf_config(llama)["vocab_size"]
+    pause = tok_base + pr.Tokens.PAUSE
+    differ = (before["transformer.wte.weight"] != after["transformer.wte.weight"]).any(1).nonzero().flatten()
+    assert differ.tolist() == [pause]
+    rows = before["transformer.wte.weight"]
+    moved = (after["transformer.wte.weight"][pause] - rows.mean(0)).abs() / rows.std(0)
+    assert moved.max() > 5 * stages.PAUSE_SPREAD                         # trained beyond its initial spread
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["task"] == "pause_pretrain" and metrics["train_tokens"] > 0 and metrics["steps"] > 0
+
+
+def test_a_stage_resumes_from_its_last_epoch(tmp_path, llama, monkeypatch):
+    """A stage writes last.pt at each epoch's end: pause_pretrain stopped after its first epoch and resumed ends
+    with the weights of an uninterrupted run."""
+    align = stage(tmp_path, llama, "align")
+    full = stage(tmp_path, llama, "pause_pretrain", f"model.init_from={align}")
+    args = llama_args(tmp_path, llama, "train.task=pause_pretrain", "train.name=cut", f"model.init_from={align}")
+    save = train.checkpoint
+
+    def killed(run):
+        save(run)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args)
+    monkeypatch.setattr(train, "checkpoint", save)
+    cut = tmp_path / "runs" / "cut"
+    assert not (cut / "model.pt").exists()
+    assert torch.load(cut / "last.pt", weights_only=False)["step"] == json.loads(
+        (full / "metrics.json").read_text())["steps_per_epoch"]
+    train.main(args + ["train.resume=true"])
+    resumed = torch.load(cut / "model.pt", weights_only=True)["model"]
+    want = torch.load(full / "model.pt", weights_only=True)["model"]
+    assert resumed.keys() == want.keys() and all(torch.equal(resumed[k], want[k]) for k in want)
+
+
+# ----------------------------------------------------------------------------------------------- pause SFT
+
+
+@pytest.mark.parametrize("think", [False, True])
+def test_pause_sft_masks_exactly_the_pause_positions(llama, think):
+    cfg, tok, _, _ = demo_tokens(llama)
+    cfg = ModelConfig(**{**cfg.__dict__, "reasoning": "pause", "num_pauses": 5, "pause_layout": "last",
+                            "think_pauses": think})
+    ids, mask = pr.build_example(tok, cfg, [3, 1, 4], 7)
+    L = tok.num_levels
+    slots = [tok.THINK] + [tok.PAUSE] * 5 + [tok.END_THINK] if think else [tok.PAUSE] * 5
+    assert ids == [tok.BOS] + tok.sid(3) + tok.sid(1) + tok.sid(4) + slots + tok.sid(7)
+    assert [i for i, t in enumerate(ids) if t == tok.PAUSE] == list(range(1 + 3 * L + think, 1 + 3 * L + think + 5))
+    assert mask == [False] * (len(ids) - L) + [True] * L                 # pauses (and history) unsupervised
+    assert pr.build_prompt(tok, cfg, [3, 1, 4]) == ids[:-L]
+    with pytest.raises(ValueError, match="think_pauses"):
+        ModelConfig(reasoning="none", think_pauses=True)
+    # </think>, not the SID, follows the pauses: the draft loss and the pause ablation would miss them
+    with pytest.raises(ValueError, match="not with model.think_pauses"):
+        ModelConfig(reasoning="pause", pause_layout="last", think_pauses=True, step_loss="draft")
+    if think:
+        with pytest.raises(ValueError, match="--ablate-pauses does not support"):
+            evaluate.check_ablation(cfg, "hide")
+    else:
+        evaluate.check_ablation(cfg, "hide")
+
+
+def test_layout_last_is_one_example_per_user_its_last_training_item():
+    ds = data.load_synthetic(data.DataConfig(source="synthetic", num_items=60, num_users=40))
+    split = data.leave_one_out(ds.sequences, 20)
+    cfg = ModelConfig(reasoning="pause", num_pauses=5, pause_layout="last")
+    tok = pr.Tokens.from_codes(torch.stack([torch.arange(60) // 8, torch.arange(60) % 8], 1))
+    for refit, last in ((False, -3), (True, -2)):
+        examples = train.training_examples(tok, cfg, ds, split, 20, random.Random(0), refit=refit)
+        want = [pr.build_example(tok, cfg, s[:last][-20:], s[last]) for s in ds.sequences]
+        assert examples == want
+
+
+def test_full_beam_equals_exhaustive_for_the_pause_sft_model(llama):
+    cfg, tok, _, codes = demo_tokens(llama)
+    cfg = ModelConfig(**{**cfg.__dict__, "reasoning": "pause", "num_pauses": 5, "pause_layout": "last",
+                            "think_pauses": True})
+    model = bb.make_model(cfg, tok).eval()
+    with torch.no_grad():   # our rows distinct (they start equal), so that every item has its own score
+        model.transformer.wte.weight[tok.base:].normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    trie, N = pr.SIDTrie(codes), len(codes)
+    prompts = [pr.build_prompt(tok, cfg, h) for h in ([0, 5, 9], [3], [7, 1, 2, 8])]
+    items, scores = pr.beam_search(model, tok, cfg, trie, prompts, N, N)
+    for b, p in enumerate(prompts):
+        ref_scores, ref_items = pr.score_items(model, tok, cfg, p, range(N)).sort(descending=True)
+        assert items[b].tolist() == ref_items.tolist()
+        assert torch.allclose(scores[b], ref_scores, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- init_from
+
+
+def test_init_from_loads_a_stage_and_a_mismatch_is_a_one_line_error(tmp_path, llama):
+    align = stage(tmp_path, llama, "align")
+    saved = torch.load(align / "model.pt", weights_only=True)["model"]
+    cfg = demo_tokens(llama)[0]
+    codes, _, _ = sid.load_sids(align / "sids.pt")
+
+    def fresh(words=(), **kw):
+        c = ModelConfig(**{**cfg.__dict__, **kw})
+        t = bb.make_tokens(c, codes, words)
+        return c, t, bb.make_model(c, t)
+
+    _, tok, model = fresh()
+    stages.load_init(model, tok, codes, align)
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    # cot: the rationale words' rows come after the run's, and keep their initial values
+    _, tok, model = fresh(reasoning="cot", words=("alpha", "beta"))
+    init = model.transformer.wte.weight[-2:].detach().clone()
+    stages.load_init(model, tok, codes, align)
+    assert torch.equal(model.transformer.wte.weight[:-2], saved["transformer.wte.weight"])
+    assert torch.equal(model.transformer.wte.weight[-2:], init)
+    for kw, match in ((dict(keep_layers=1), "model.pt has transformer.h.1"),
+                      (dict(train_only_new_tokens=True), "model.pt lacks new_rows")):
+        _, tok, model = fresh(**kw)
+        with pytest.raises(ValueError, match=match) as e:
+            stages.load_init(model, tok, codes, align)
+        assert str(align) in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="SID table") as e:
+        stages.load_init(model, tok, codes.flip(0), align)
+    with pytest.raises(FileNotFoundError, match="sids.pt not found"):
+        stages.load_init(model, tok, codes, tmp_path)
+    # through train.py: a run of other settings stops before training, naming the run
+    with pytest.raises(ValueError, match=re.escape(f"model.init_from={align}: model.pt has transformer.h.1")):
+        train.main(llama_args(tmp_path, llama, f"model.init_from={align}", "model.keep_layers=1", "train.name=x"))
+
+
+# ----------------------------------------------------------------------------------------------- bench.py pauserec
+
+
+def test_bench_pauserec_end_to_end(tmp_path, llama, capsys):
+    """The whole comparison on the tiny Llama: the dry run's token counts are those the runs then train on; the
+    table has every row; a second bench reuses every finished stage."""
+    config = tiny_args(tmp_path)[0]
+    over = llama_args(tmp_path, llama)[1:] + ["data.num_users=120", "model.num_pauses=3"]
+    out = str(tmp_path / "bench")
+    plan = bench.main(["pauserec", config, "--out", out, "--dry-run", "--tokens-per-s", "1000", *over])
+    result = bench.main(["pauserec", config, "--out", out, "--time-users", "8", "--probe-items", "20", *over])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert json.loads(last)["rows"] == json.loads(json.dumps(result["rows"]))
+    names = [r["system"] for r in result["rows"]]
+    assert names[:2] == ["MostPop", "Markov"]
+    for want in ("alignment", "pause pre-training", "aligned: plain SFT", "aligned: pause SFT (k=3)",
+                 "aligned: CoT SFT", "not aligned: plain SFT", "not aligned: pause SFT (k=3)", "not aligned: CoT SFT",
+                 "backbone as loaded"):
+        assert want in names, names
+    for run in plan["runs"]:   # the dry run counts the tokens each run trains on
+        metrics = json.loads((tmp_path / "bench" / run["run"] / "metrics.json").read_text())
+        assert metrics["train_tokens"] == run["train_tokens"], run["run"]
+    for r in result["rows"]:
+        if r["system"].endswith("SFT") or "SFT (" in r["system"]:
+            assert 0 <= r["test"]["ndcg@10"] <= r["test"]["recall@10"] <= 1
+            assert r["ms_per_user_batch1"] > 0 and r["users_per_s_batch"] > 0 and r["verbalization_ppl"] > 0
+    again = bench.main(["pauserec", config, "--out", out, "--time-users", "8", "--probe-items", "20", *over])
+    assert "reusing the finished run" in capsys.readouterr().out
+    assert [r["test"] for r in again["rows"][:2]] == [r["test"] for r in result["rows"][:2]]
