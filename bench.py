@@ -350,8 +350,10 @@ def over_seeds(metrics):
     return out
 
 
-# Train settings that name a run or say what runs it: a run moved to another machine is the same run.
-RUN_KEYS = {"train.name", "train.out_dir", "train.sid_cache", "train.device", "train.threads", "train.resume"}
+def run_config(run_args):
+    """The resolved config of a train.py argument list [CONFIG, key=value, ...]."""
+    import train
+    return common.load_config(run_args[0], run_args[1:], train.SECTIONS)
 
 
 def finished(run_dir, run_args, ignore=()):
@@ -361,9 +363,9 @@ def finished(run_dir, run_args, ignore=()):
     if not (run_dir / "metrics.json").is_file():
         return False
     import train
-    resolved = {k: asdict(v) for k, v in common.load_config(run_args[0], run_args[1:], train.SECTIONS).items()}
+    resolved = {k: asdict(v) for k, v in run_config(run_args).items()}
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    diff = train.changed_settings(saved, resolved, sections=resolved, ignore=RUN_KEYS | set(ignore))
+    diff = train.changed_settings(saved, resolved, sections=resolved, ignore={*train.RUN_KEYS, *ignore})
     if diff:
         raise ValueError(f"bench.py: {run_dir} holds a run with other settings ({'; '.join(diff)}): "
                          f"pass another --out")
@@ -585,11 +587,6 @@ def pipeline_runs(config, overrides, out_dir: Path, seeds: int, cot_seeds: int =
                                                             "train.task=rec", *init, f"train.seed={s}",
                                                             f"train.name={slug}"]))
     return runs
-
-
-def run_config(run_args):
-    import train
-    return common.load_config(run_args[0], run_args[1:], train.SECTIONS)
 
 
 def pipeline_plan(runs, tokens_per_s: float, peak_tflops: float, jobs: int = 1) -> dict:

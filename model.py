@@ -338,13 +338,15 @@ class GPT(nn.Module):
         ours = F.embedding((ids - base).clamp(min=0), self.new_rows)
         return torch.where((ids >= base)[..., None], ours, wte(ids.clamp(max=base - 1)))
 
-    def head_rows(self):
-        """Output rows [V - head_start, d]: all tokens' (head full) or ours only (head new, ids >= base)."""
+    def head_rows(self, every_token: bool = False):
+        """Output rows [V - head_start, d]: all tokens' (head full) or ours only (head new, ids >= base);
+        every_token: all V rows whatever the head (the stages' text loss predicts text tokens)."""
+        start = 0 if every_token else self.head_start
         w = self.lm_head.weight                      # [V, d], or [base, d] with train_only_new_tokens
         if self.new_rows is None:
-            return w[self.head_start:]
+            return w[start:]
         ours = self.new_rows if self.new_head_rows is None else self.new_head_rows
-        return ours if self.head_start else torch.cat([w, ours])   # head full: a copy per call, as big as the head
+        return ours if start else torch.cat([w, ours])   # all rows: a copy per call, as big as the head
 
     def logits(self, x):
         """x [.., d] -> logits [.., V - head_start]."""

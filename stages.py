@@ -99,20 +99,12 @@ def input_rows(model) -> torch.Tensor:
     return w if model.new_rows is None else torch.cat([w, model.new_rows])
 
 
-def output_rows(model) -> torch.Tensor:
-    """All output rows [V, d], whatever model.head (head=new computes the SFT softmax over ours only)."""
-    w = model.lm_head.weight
-    if model.new_rows is None:
-        return w
-    return torch.cat([w, model.new_rows if model.new_head_rows is None else model.new_head_rows])
-
-
 def text_loss(model, ids, loss_mask):
     """Mean cross-entropy of the supervised tokens of ids [N, T] (right-padded), softmax over all V tokens:
     the alignment texts predict text tokens, which a head over our tokens only (model.head=new) cannot."""
     sel = loss_mask[:, 1:]                                  # position i predicts ids[:, i + 1]
     h = model.hidden(ids[:, :-1])[sel]                      # [n_supervised, d]
-    return F.cross_entropy(F.linear(h, output_rows(model)).float(), ids[:, 1:][sel])
+    return F.cross_entropy(F.linear(h, model.head_rows(every_token=True)).float(), ids[:, 1:][sel])
 
 
 def pause_row(model, tok) -> tuple[torch.nn.Parameter, int]:

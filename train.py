@@ -193,11 +193,12 @@ def changed_settings(saved: dict, resolved: dict, sections=("data", "sid", "mode
             and not (k in ("dir", "download") or k.endswith(("_dir", "_url")))]
 
 
-# What a resumed run may change: where it runs, where its files live, how often it logs, the evaluation batch.
-# Anything else (the schedule: epochs, batch_size, lr, ..; the seed; eval.select, ks, every) would break the
-# epoch arithmetic of last.pt's step, or compare its `best` with another metric.
-RESUME_MAY_CHANGE = ("train.name", "train.out_dir", "train.sid_cache", "train.device", "train.threads",
-                     "train.resume", "train.log_every", "eval.batch_size")
+# Settings that name a run or say what runs it: a run moved to another machine is the same run (bench.py reuses it).
+RUN_KEYS = ("train.name", "train.out_dir", "train.sid_cache", "train.device", "train.threads", "train.resume")
+# What a resumed run may change besides: how often it logs, the evaluation batch. Anything else (the schedule:
+# epochs, batch_size, lr, ..; the seed; eval.select, ks, every) would break the epoch arithmetic of last.pt's step,
+# or compare its `best` with another metric.
+RESUME_MAY_CHANGE = RUN_KEYS + ("train.log_every", "eval.batch_size")
 
 
 def check_resume(run_dir: Path, resolved: dict):
