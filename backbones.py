@@ -318,22 +318,43 @@ def backbone_config(cfg: ModelConfig, tok: Tokens) -> ModelConfig:
     return dataclasses.replace(cfg, **dict(hf, n_layer=cfg.keep_layers or hf["n_layer"]))
 
 
-def text_rows_for_words(w, tok: Tokens, hf_dir: str):
+def sid_keywords(tok: Tokens, item_text: list[list[int]], n_words: int) -> dict[int, list[int]]:
+    """sid_init text: for each SID token, the n_words text tokens most typical of the items whose SID has it:
+    tf-idf, tf = the token's count in those items' texts, idf = log(items / items whose text has the token)."""
+    df = torch.zeros(tok.base)
+    for ids in item_text:
+        df[sorted(set(ids))] += 1
+    idf = torch.log(len(item_text) / df.clamp(min=1))
+    counts: dict[int, torch.Tensor] = {}                  # SID token -> [base] token counts of its items' texts
+    for item, ids in enumerate(item_text):
+        for t in tok.sid(item):
+            counts.setdefault(t, torch.zeros(tok.base)).index_add_(0, torch.tensor(ids, dtype=torch.long),
+                                                                   torch.ones(len(ids)))
+    score = {t: torch.where(c > 0, c * idf, -1.0) for t, c in counts.items()}   # -1: not in these items' texts
+    return {t: s.topk(min(n_words, int((s >= 0).sum()))).indices.tolist() for t, s in score.items()}
+
+
+def initial_rows(w, tok: Tokens, cfg: ModelConfig):
     """Initial rows [V - base, d] of our tokens from the pretrained rows w [base, d]: each the mean row, except
     that a rationale word (cot) starts as the mean of its own text tokens' rows when the folder has a tokenizer,
-    so the LM reads ' brand opi' in its words from the first step."""
+    so the LM reads ' brand opi' in its words from the first step; with model.sid_init=text each SID token starts
+    as the mean row of its keywords (sid_keywords: TS-Rec's SA-Init, with tf-idf in place of a teacher LLM)."""
     ours = w.mean(0).expand(tok.size - tok.base, -1).clone()
-    if tok.words and has_files(hf_dir, TOKENIZER_FILES):
-        text = bpe.load_tokenizer(hf_dir)
+    if tok.words and has_files(cfg.hf_dir, TOKENIZER_FILES):
+        text = bpe.load_tokenizer(cfg.hf_dir)
         for j, word in enumerate(tok.words):
             ours[tok.word_start - tok.base + j] = w[text.encode(" " + word)].mean(0)
+    if cfg.sid_init == "text":
+        for t, words in sid_keywords(tok, tok.item_text, cfg.sid_init_words).items():
+            if words:
+                ours[t - tok.base] = w[words].mean(0)
     return ours
 
 
-def load_pretrained(model: GPT, tok: Tokens, hf_dir: str):
-    """The checkpoint's weights into model. Our tokens' rows (ids tok.base..) come after the text rows of the
-    embedding (and of an untied head): text_rows_for_words; learned positions are cut to max_len."""
-    cfg = model.cfg
+def load_pretrained(model: GPT, tok: Tokens, cfg: ModelConfig):
+    """The checkpoint's weights into model: the text rows into wte (and an untied lm_head), our tokens' rows
+    (ids tok.base..) from initial_rows into new_rows (new_head_rows); learned positions cut to max_len."""
+    hf_dir = cfg.hf_dir
     sd = hf_state_dict(read_checkpoint(hf_dir), read_config(hf_dir), cfg.n_layer)
     for name, apart in (("transformer.wte.weight", "new_rows"), ("lm_head.weight", "new_head_rows")):
         if name not in sd:   # a tied head
@@ -341,11 +362,7 @@ def load_pretrained(model: GPT, tok: Tokens, hf_dir: str):
         w = sd[name]
         if w.shape[0] != tok.base:
             raise ValueError(f"{hf_dir}: {name} has {w.shape[0]} rows, config.json's vocab_size is {tok.base}")
-        ours = text_rows_for_words(w, tok, hf_dir)
-        if cfg.train_only_new_tokens:
-            sd[apart] = ours.clone()
-        else:
-            sd[name] = torch.cat([w, ours])
+        sd[apart] = initial_rows(w, tok, cfg)
     if cfg.tie_head:
         sd["lm_head.weight"] = sd["transformer.wte.weight"]
     if cfg.pos == "learned":
@@ -355,11 +372,14 @@ def load_pretrained(model: GPT, tok: Tokens, hf_dir: str):
     model.load_state_dict(sd)
 
 
+OURS = ("new_rows", "new_head_rows", "pause_slots", "reasoning_pos")   # a pretrained model's parameters of our own
+
+
 def make_model(cfg: ModelConfig, tok: Tokens, pretrained: bool = True) -> GPT:
     """The decoder for cfg.backbone. Pretrained: the architecture of config.json (n_layer, n_head, d_model and
     the block flags replace the config's: backbone_config), RoPE's frequencies as the checkpoint scales them,
-    and with `pretrained` its weights (load_pretrained). train_only_new_tokens: only our rows train (new_rows,
-    new_head_rows), with the pause slots and the latent step embeddings."""
+    and with `pretrained` its weights (load_pretrained). The text rows train only with model.train_text_rows;
+    with train_only_new_tokens only our parameters train (OURS: our rows, pause slots, latent step embeddings)."""
     if cfg.backbone == "scratch":
         return GPT(cfg, tok.size, tok.base)
     cfg = backbone_config(cfg, tok)
@@ -367,10 +387,12 @@ def make_model(cfg: ModelConfig, tok: Tokens, pretrained: bool = True) -> GPT:
     if cfg.pos == "rope":
         model.inv_freq.copy_(rope_inv_freq(read_config(cfg.hf_dir)))
     if pretrained:
-        load_pretrained(model, tok, cfg.hf_dir)
+        load_pretrained(model, tok, cfg)
+    model.transformer.wte.weight.requires_grad_(cfg.train_text_rows)   # the text rows (a tied head's too)
+    model.lm_head.weight.requires_grad_(cfg.train_text_rows)
     if cfg.train_only_new_tokens:
         for name, p in model.named_parameters():
-            p.requires_grad_(name in ("new_rows", "new_head_rows", "pause_slots", "reasoning_pos"))
+            p.requires_grad_(name in OURS)
     return model
 
 
@@ -381,10 +403,14 @@ def make_tokens(cfg: ModelConfig, codes, words=(), item_meta=None) -> Tokens:
     if cfg.backbone == "scratch":
         return Tokens.from_codes(codes, words)
     tok = Tokens.from_codes(codes, words, base=hf_config(cfg.hf_dir)["vocab_size"])
-    if cfg.prompt == "sids+titles":
+    if cfg.prompt == "sids+titles" or cfg.sid_init == "text":
         text = bpe.load_tokenizer(cfg.hf_dir)
         if len(text) > tok.base:
             raise ValueError(f"{cfg.hf_dir}: the tokenizer has {len(text)} tokens, more than vocab_size {tok.base}")
-        tok.item_titles = [text.encode(" " + m["title"])[: cfg.max_title_len] if m.get("title") else []
-                           for m in item_meta]
+        titles = [text.encode(" " + m["title"])[: cfg.max_title_len] if m.get("title") else [] for m in item_meta]
+        if cfg.prompt == "sids+titles":
+            tok.item_titles = titles
+        if cfg.sid_init == "text":   # each item's title and category (sid_keywords)
+            tok.item_text = [t + text.encode(" " + m["category"]) if m.get("category") else t
+                             for t, m in zip(titles, item_meta)]
     return tok

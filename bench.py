@@ -40,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import time
+import dataclasses
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -118,8 +119,10 @@ def to_hf_gpt2(model, tok):
         layer_norm_epsilon=model.transformer.ln_f.eps, activation_function="gelu_new", resid_pdrop=0.0,
         embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=tok.BOS, eos_token_id=tok.EOS, pad_token_id=tok.PAD)).eval()
     conv1d = ("c_attn.weight", "c_proj.weight", "c_fc.weight")
+    state = {k: v for k, v in model.state_dict().items() if k not in ("new_rows", "new_head_rows")}
+    state["transformer.wte.weight"] = state["lm_head.weight"] = model.input_rows()   # a pretrained one's rows apart
     missing, unexpected = ref.load_state_dict(
-        {k: v.t() if k.endswith(conv1d) else v for k, v in model.state_dict().items()}, strict=False)
+        {k: v.t() if k.endswith(conv1d) else v for k, v in state.items()}, strict=False)
     if unexpected or not all(k.endswith((".attn.bias", ".attn.masked_bias")) for k in missing):
         raise RuntimeError(f"to_hf_gpt2: weights do not map: missing {missing}, unexpected {unexpected}")
     return ref
@@ -495,6 +498,7 @@ def probe(model, tok, text, item_meta, items) -> dict:
       title (a derangement of the sample); 0 when SID rows carry nothing of the text.
     sid_to_title_top1 (limitation 2, in context): the final state after [BOS] sid(i) retrieves the state after
       ' {title}' of the same item among the sample's titles (cosine, top-1); chance is 1 / items.
+    And the alignment texts as generation (alignment_check).
     """
     model.eval()
     dev = model.device
@@ -520,7 +524,38 @@ def probe(model, tok, text, item_meta, items) -> dict:
     top1 = (h_sid @ h_title.T).argmax(1).cpu() == torch.arange(len(items))
     return {"items": len(items), "verbalization_ppl": math.exp(nll / count),
             "sid_title_cos_gap": float((match - other).mean()), "sid_to_title_top1": float(top1.float().mean()),
-            "chance_top1": 1 / len(items)}
+            "chance_top1": 1 / len(items), **alignment_check(model, tok, text, item_meta, items, model.cfg.max_title_len)}
+
+
+@torch.inference_mode()
+def alignment_check(model, tok, text, item_meta, items, max_title_len: int, n_first: int = 3) -> dict:
+    """The alignment texts' two directions as generation, on the given items (stages.alignment_pair's prompts).
+
+    title_to_sid_top1: from '[BOS] {title}. Category: {category}. Item:' the trie-constrained beam search (beam 10)
+      ranks the item's own SID first; chance is 1 / catalogue items.
+    sid_to_title_first: from '[BOS] Item sid(i) is' greedy decoding over the whole vocabulary writes the first
+      n_first tokens of the item's own description; sid_to_title_other: of another item's (the next in the
+      sample), what a model that ignores the SID gets.
+    """
+    model.eval()
+    pairs = [stages.alignment_pair(tok, text, i, item_meta[i], max_title_len) for i in items]
+    split = lambda ex: (ex[0][: ex[1].index(True)], ex[0][ex[1].index(True):])   # noqa: E731  (prompt, answer)
+    to_text, to_sid = zip(*[(split(a), split(b)) for a, b in pairs])
+    codes = torch.tensor(tok.item_sids) - torch.tensor(tok.offsets)
+    cfg = dataclasses.replace(model.cfg, reasoning="none")
+    found, _ = pauserec.beam_search(model, tok, cfg, pauserec.SIDTrie(codes), [p for p, _ in to_sid], 10, 1)
+    written = []
+    for prompt, _ in to_text:                         # greedy, one item at a time (a few tokens each)
+        ids = torch.tensor([prompt], device=model.device)
+        for _ in range(n_first):
+            logits = F.linear(model.hidden(ids)[0, -1], model.head_rows(every_token=True))
+            ids = torch.cat([ids, logits.argmax().view(1, 1)], 1)
+        written.append(ids[0, len(prompt):].tolist())
+    firsts = [answer[:n_first] for _, answer in to_text]
+    return {"title_to_sid_top1": float((found[:, 0].cpu() == torch.tensor(items)).float().mean()),
+            "chance_title_to_sid": 1 / len(codes),
+            "sid_to_title_first": statistics.fmean(w == f for w, f in zip(written, firsts)),
+            "sid_to_title_other": statistics.fmean(w == f for w, f in zip(written, firsts[1:] + firsts[:1]))}
 
 
 def bench_probe(args, overrides):
@@ -536,11 +571,13 @@ def bench_probe(args, overrides):
     before = backbones.make_model(mcfg, tok, pretrained=True)
     rows = {"pretrained": probe(before, tok, text, ds.item_meta, items),
             f"trained ({Path(args.run_dir).name})": probe(model, tok, text, ds.item_meta, items)}
-    print("| model | verbalization ppl (lower: more knowledge kept) | SID/title cosine gap | SID -> title top-1 |")
-    print("|---|---|---|---|")
+    print("| model | verbalization ppl (lower: more knowledge kept) | SID/title cosine gap | SID -> title top-1 | "
+          "title -> SID top-1 | SID -> title's first 3 tokens (another item's) |")
+    print("|---|---|---|---|---|---|")
     for name, r in rows.items():
         print(f"| {name} | {r['verbalization_ppl']:.2f} | {r['sid_title_cos_gap']:.4f} | "
-              f"{r['sid_to_title_top1']:.3f} (chance {r['chance_top1']:.3f}) |")
+              f"{r['sid_to_title_top1']:.3f} (chance {r['chance_top1']:.3f}) | {r['title_to_sid_top1']:.3f} (chance "
+              f"{r['chance_title_to_sid']:.3f}) | {r['sid_to_title_first']:.3f} ({r['sid_to_title_other']:.3f}) |")
     out = {"run": str(args.run_dir), "items": len(items), "probe": rows}
     print(json.dumps(out))
     return out
@@ -758,7 +795,8 @@ def time_and_probe(args, rows, out_dir: Path):
 
 def print_pipeline(rows, time_users: int):
     head = ["system", "valid R@10", "valid N@10", "test R@10", "test N@10", "train tokens", "train s",
-            "ms/user b1", f"users/s b{time_users}", "verbalization ppl", "SID/title cos gap", "SID->title top-1"]
+            "ms/user b1", f"users/s b{time_users}", "verbalization ppl", "SID/title cos gap", "SID->title top-1",
+            "title->SID top-1", "SID->title first 3 (other)"]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
 
     def cell(r, split, key):
@@ -773,10 +811,13 @@ def print_pipeline(rows, time_users: int):
                  cell(r, "valid", "recall@10"), cell(r, "valid", "ndcg@10"), cell(r, "test", "recall@10"),
                  cell(r, "test", "ndcg@10"), get("train_tokens", ","), get("train_seconds", ".1f"),
                  get("ms_per_user_batch1", ".1f"), get("users_per_s_batch", ".1f"), get("verbalization_ppl", ".2f"),
-                 get("sid_title_cos_gap", ".4f"), get("sid_to_title_top1", ".3f")]
+                 get("sid_title_cos_gap", ".4f"), get("sid_to_title_top1", ".3f"), get("title_to_sid_top1", ".3f"),
+                 (f"{r['sid_to_title_first']:.3f} ({r['sid_to_title_other']:.3f})" if "sid_to_title_first" in r else "")]
         print("| " + " | ".join(cells) + " |")
     if any("chance_top1" in r for r in rows):
-        print(f"(SID->title top-1: chance {next(r['chance_top1'] for r in rows if 'chance_top1' in r):.3f})")
+        first = next(r for r in rows if "chance_top1" in r)
+        print(f"(SID->title top-1: chance {first['chance_top1']:.3f}; title->SID top-1: chance "
+              f"{first['chance_title_to_sid']:.3f})")
 
 
 def bench_pauserec(args, overrides):

@@ -72,7 +72,13 @@ class ModelConfig:
     keep_layers: int = 0           # pretrained: load only the first K blocks (0 = all; a cheap CPU setting)
     prompt: str = "sids"           # sids | sids+titles: each history item as its title (text tokens), then its SID
     max_title_len: int = 24        # sids+titles: text tokens kept per title
-    train_only_new_tokens: bool = False  # pretrained: freeze its weights, train only our token rows (new_rows)
+    train_only_new_tokens: bool = False  # pretrained: freeze all its weights for the whole run (every stage), train
+                                   #   only our rows (new_rows; train.frozen_epochs freezes the first epochs only)
+    train_text_rows: bool = False  # pretrained: its text vocabulary's rows train too (a dense update of every row
+                                   #   at every step); false: frozen, only our rows and the blocks learn
+    sid_init: str = "mean"         # pretrained: our SID rows start at mean: the mean text row | text: the mean row
+                                   #   of the words most typical (tf-idf) of the titles of the items with that code
+    sid_init_words: int = 8        # sid_init text: words pooled per SID code
     init_from: str = ""            # a run folder whose model.pt starts training (stages.load_init: same SIDs, shapes)
 
     def __post_init__(self):
@@ -92,7 +98,8 @@ class ModelConfig:
                         ("head", ("full", "new")), ("reasoning", ("none", "pause", "cot", "latent")),
                         ("pause_layout", ("target", "every_item", "last")),
                         ("pause_embeddings", ("shared", "distinct")),
-                        ("backbone", ("scratch",) + BACKBONES), ("prompt", ("sids", "sids+titles"))):
+                        ("backbone", ("scratch",) + BACKBONES), ("prompt", ("sids", "sids+titles")),
+                        ("sid_init", ("mean", "text"))):
             if getattr(self, key) not in ok:
                 raise ValueError(f"model.{key} must be {' | '.join(ok)}, got {getattr(self, key)!r}")
         for key in ("norm_eps", "rope_theta"):
@@ -127,9 +134,12 @@ class ModelConfig:
             raise ValueError(f"model.rationale_noise must be in [0, 1], got {self.rationale_noise}")
         if self.backbone != "scratch" and not self.hf_dir:
             raise ValueError(f"model.backbone={self.backbone} needs model.hf_dir (a Hugging Face model folder)")
-        if self.backbone == "scratch" and (self.prompt != "sids" or self.train_only_new_tokens or self.keep_layers):
-            raise ValueError("model.prompt=sids+titles, model.train_only_new_tokens and model.keep_layers need a "
-                             "pretrained model.backbone")
+        pretrained_only = {"prompt": "sids", "train_only_new_tokens": False, "keep_layers": 0,
+                           "train_text_rows": False, "sid_init": "mean"}
+        if self.backbone == "scratch" and (keys := [k for k, v in pretrained_only.items() if getattr(self, k) != v]):
+            raise ValueError(f"model.{keys[0]}={getattr(self, keys[0])} needs a pretrained model.backbone")
+        if self.sid_init_words < 1:
+            raise ValueError(f"model.sid_init_words must be >= 1, got {self.sid_init_words}")
 
     def resolved(self) -> "ModelConfig":
         """This config with its 0 defaults filled in: n_kv_head = n_head, head_dim = d_model / n_head, d_ff =
@@ -268,13 +278,29 @@ def draft_targets(ids, loss_mask, pause_id: int):
     return where, ids.gather(1, first)
 
 
+def split_rows(module, state, prefix, *_):
+    """Load hook of a pretrained GPT: a checkpoint whose wte (lm_head) holds all V rows [V, d] has them split
+    into the text rows [base, d] and new_rows (new_head_rows) [V - base, d], as the model keeps them."""
+    base = module.transformer.wte.num_embeddings
+    wte, head = prefix + "transformer.wte.weight", prefix + "lm_head.weight"
+    if wte not in state or state[wte].shape[0] == base or prefix + "new_rows" in state:
+        return
+    state[prefix + "new_rows"], state[wte] = state[wte][base:], state[wte][:base]
+    if head in state:
+        rows = state[head]
+        state[head] = rows[:base]
+        if module.new_head_rows is not None:
+            state[prefix + "new_head_rows"] = rows[base:]
+
+
 class GPT(nn.Module):
     """Decoder-only transformer with GPT-2's parameter names; the ModelConfig flags make its blocks Llama's,
     Qwen2's or Qwen3's, so the weights of all four families load into it (backbones.py maps the names).
 
-    vocab_size: all tokens; base: the text vocabulary before ours (GPT-2: 50257; 0 from scratch). With
-    train_only_new_tokens, wte (and an untied lm_head) hold only the pretrained rows [base, d], frozen, and our
-    tokens' rows live apart in new_rows (new_head_rows) [V - base, d]: the optimizer sees only those.
+    vocab_size: all tokens; base: the text vocabulary before ours (GPT-2: 50257; 0 from scratch). A pretrained
+    backbone (base > 0) keeps its text rows in wte (and an untied lm_head) [base, d] and our tokens' rows apart in
+    new_rows (new_head_rows) [V - base, d], so the text rows can be frozen (model.train_text_rows) and no step
+    updates them; a checkpoint with the rows in one table (runs before this layout) is split on loading.
     Two method parameters live here because the input embedding needs them: pause_slots (distinct pause
     embeddings) and reasoning_pos (latent steps, read by pauserec.latent_steps).
     """
@@ -284,7 +310,7 @@ class GPT(nn.Module):
         self.cfg = cfg = cfg.resolved()
         self.pause_id = base + PAUSE
         self.head_start = base if cfg.head == "new" else 0   # logit j is token head_start + j
-        rows = base if cfg.train_only_new_tokens else vocab_size
+        rows = base or vocab_size
         modules = dict(wte=nn.Embedding(rows, cfg.d_model))
         if cfg.pos == "learned":
             modules["wpe"] = nn.Embedding(cfg.max_len, cfg.d_model)
@@ -309,11 +335,12 @@ class GPT(nn.Module):
         if cfg.pos == "rope":   # persistent: a checkpoint carries a backbone's (scaled) frequencies. float32:
             #   use autocast for bf16, model.to(torch.bfloat16) would round them (angles off at long positions)
             self.register_buffer("inv_freq", rope_frequencies(cfg.head_dim, cfg.rope_theta))
-        self.new_rows = self.new_head_rows = None   # train_only_new_tokens: set by make_model (the mean row)
-        if cfg.train_only_new_tokens:
+        self.new_rows = self.new_head_rows = None   # pretrained: our rows, set by backbones.load_pretrained
+        if base:
             self.new_rows = nn.Parameter(torch.zeros(vocab_size - base, cfg.d_model))
             if not cfg.tie_head:
                 self.new_head_rows = nn.Parameter(torch.zeros(vocab_size - base, cfg.d_model))
+            self.register_load_state_dict_pre_hook(split_rows)
 
     @staticmethod
     def _init_weights(m):
@@ -330,7 +357,7 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())  # the tied embedding counts once
 
     def embed(self, ids):
-        """Input rows [N, T, d] of ids [N, T]; with train_only_new_tokens ids >= base read new_rows."""
+        """Input rows [N, T, d] of ids [N, T]; on a pretrained backbone ids >= base read new_rows."""
         wte = self.transformer.wte
         if self.new_rows is None:
             return wte(ids)
@@ -338,11 +365,16 @@ class GPT(nn.Module):
         ours = F.embedding((ids - base).clamp(min=0), self.new_rows)
         return torch.where((ids >= base)[..., None], ours, wte(ids.clamp(max=base - 1)))
 
+    def input_rows(self):
+        """All input rows [V, d]: the text vocabulary's, then ours (a copy on a pretrained backbone)."""
+        w = self.transformer.wte.weight
+        return w if self.new_rows is None else torch.cat([w, self.new_rows])
+
     def head_rows(self, every_token: bool = False):
         """Output rows [V - head_start, d]: all tokens' (head full) or ours only (head new, ids >= base);
         every_token: all V rows whatever the head (the stages' text loss predicts text tokens)."""
         start = 0 if every_token else self.head_start
-        w = self.lm_head.weight                      # [V, d], or [base, d] with train_only_new_tokens
+        w = self.lm_head.weight                      # [V, d] from scratch, [base, d] pretrained (ours apart)
         if self.new_rows is None:
             return w[start:]
         ours = self.new_rows if self.new_head_rows is None else self.new_head_rows

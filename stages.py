@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 import bpe
 import sid
+from model import split_rows
 
 PAUSE_SPREAD = 0.01   # the pause row's initial noise, as a fraction of each dimension's std over all rows
 
@@ -41,20 +42,22 @@ def describe(text, meta: dict, max_title_len: int) -> list[int]:
     return ids + text.encode(".")
 
 
+def alignment_pair(tok, text, i: int, meta: dict, max_title_len: int) -> list[tuple[list[int], list[bool]]]:
+    """Item i's two examples (text: the backbone's tokenizer), SID -> text then text -> SID (module docstring);
+    loss_mask True on the generated side only: the description, or the L SID tokens. [] without a title."""
+    desc = describe(text, meta, max_title_len)
+    if not desc:
+        return []
+    sid_ids = tok.sid(i)
+    to_text = [tok.BOS] + text.encode("Item") + sid_ids + text.encode(" is")
+    to_sid = [tok.BOS] + desc + text.encode(" Item:")
+    return [(to_text + desc, [False] * len(to_text) + [True] * len(desc)),
+            (to_sid + sid_ids, [False] * len(to_sid) + [True] * len(sid_ids))]
+
+
 def alignment_examples(tok, text, item_meta: list[dict], max_title_len: int) -> list[tuple[list[int], list[bool]]]:
-    """Two examples per titled item i (text: the backbone's tokenizer), SID -> text then text -> SID (module
-    docstring); loss_mask True on the generated side only: the description, or the L SID tokens."""
-    item, is_, item_colon = text.encode("Item"), text.encode(" is"), text.encode(" Item:")
-    out = []
-    for i, meta in enumerate(item_meta):
-        desc = describe(text, meta, max_title_len)
-        if not desc:
-            continue
-        sid_ids = tok.sid(i)
-        prompt = [tok.BOS] + item + sid_ids + is_
-        out.append((prompt + desc, [False] * len(prompt) + [True] * len(desc)))
-        prompt = [tok.BOS] + desc + item_colon
-        out.append((prompt + sid_ids, [False] * len(prompt) + [True] * len(sid_ids)))
+    """Two examples per titled item (alignment_pair), in item order."""
+    out = [ex for i, meta in enumerate(item_meta) for ex in alignment_pair(tok, text, i, meta, max_title_len)]
     if not out:
         raise ValueError("train.task=align needs item titles (data.item_meta): no item has one")
     return out
@@ -93,12 +96,6 @@ def stage_examples(tcfg, mcfg, tok, item_meta: list[dict]) -> list[tuple[list[in
 # The loss over the whole vocabulary, and the pause row
 
 
-def input_rows(model) -> torch.Tensor:
-    """All input embedding rows [V, d]: the text vocabulary's, then ours (new_rows with train_only_new_tokens)."""
-    w = model.transformer.wte.weight
-    return w if model.new_rows is None else torch.cat([w, model.new_rows])
-
-
 def text_loss(model, ids, loss_mask):
     """Mean cross-entropy of the supervised tokens of ids [N, T] (right-padded), softmax over all V tokens:
     the alignment texts predict text tokens, which a head over our tokens only (model.head=new) cannot."""
@@ -117,7 +114,7 @@ def pause_row(model, tok) -> tuple[torch.nn.Parameter, int]:
 @torch.no_grad()
 def init_pause_row(model, tok, generator: torch.Generator):
     """<pause> row = the mean of all input rows (text and ours) + PAUSE_SPREAD x their per-dimension std x noise."""
-    rows = input_rows(model)                                # [V, d]
+    rows = model.input_rows()                               # [V, d]
     table, row = pause_row(model, tok)
     noise = torch.randn(rows.shape[1], generator=generator).to(rows.device, rows.dtype)
     table[row] = rows.mean(0) + PAUSE_SPREAD * rows.std(0) * noise
@@ -157,6 +154,7 @@ def load_init(model, tok, codes, run_dir):
         raise ValueError(f"{where}: its SID table (sids.pt) differs from this run's (other data or sid settings)")
     checkpoint = torch.load(run_dir / "model.pt", map_location=model.device, weights_only=True)
     theirs, words = checkpoint["model"], list(checkpoint.get("words", []))
+    split_rows(model, theirs, "")   # a run from before our rows lived apart (new_rows)
     if tok.words[:len(words)] != words:
         raise ValueError(f"{where}: its rationale words differ from this run's")
     state = model.state_dict()

@@ -66,6 +66,12 @@ class TrainConfig:
                                  #   sequences that keep their validation item (what the test input and the
                                  #   Markov baseline see), then test; 0: test the chosen checkpoint as it is
     refit_lr: float = 5e-4       # the refit's peak lr (fresh AdamW state, warmup_steps, cosine to min_lr)
+    # fine-tuning a pretrained backbone (docs/RESULTS.md: what each setting does on SmolLM2)
+    backbone_lr_ratio: float = 1.0  # the backbone's weights train at this times the phase's lr (lr, refit_lr,
+                                 #   align_lr); our rows (new_rows, pause slots, latent step embeddings) at the lr
+    frozen_epochs: int = 0       # the first epochs of next-item training train only our rows (backbone frozen);
+                                 #   then the backbone joins, with its own warmup and cosine over the rest
+    align_frozen_epochs: int = 0  # the same for train.task=align (all align_epochs: GTI's grounding)
     # the paper's stages before SFT (stages.py; pretrained backbones, one process, no validation or test)
     task: str = "rec"            # rec: next-item training | align: SID <-> text alignment texts | pause_pretrain:
                                  #   those texts with <pause> inserted, only the <pause> row trained
@@ -80,20 +86,24 @@ SECTIONS = {"data": data.DataConfig, "sid": sid.SIDConfig, "model": ModelConfig,
             "eval": evaluate.EvalConfig, "train": TrainConfig}
 
 
-def check_train_config(cfg: TrainConfig):
+def check_train_config(cfg: TrainConfig, mcfg: ModelConfig):
     for key in ("epochs", "batch_size", "log_every", "align_epochs", "pause_epochs"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"train.{key} must be > 0, got {getattr(cfg, key)}")
     for key in ("lr", "grad_clip", "refit_lr", "align_lr", "pause_lr"):
         if getattr(cfg, key) <= 0:
             raise ValueError(f"train.{key} must be > 0, got {getattr(cfg, key)}")
-    for key in ("min_lr", "warmup_steps", "weight_decay", "patience", "threads", "refit_epochs"):
+    for key in ("min_lr", "warmup_steps", "weight_decay", "patience", "threads", "refit_epochs", "backbone_lr_ratio",
+                "frozen_epochs", "align_frozen_epochs"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"train.{key} must be >= 0, got {getattr(cfg, key)}")
     if cfg.task not in ("rec", "align", "pause_pretrain"):
         raise ValueError(f"train.task must be rec | align | pause_pretrain, got {cfg.task!r}")
     if not 0.0 <= cfg.pause_rate < 1.0:
         raise ValueError(f"train.pause_rate must be in [0, 1), got {cfg.pause_rate}")
+    tuning = {"backbone_lr_ratio": 1.0, "frozen_epochs": 0, "align_frozen_epochs": 0}
+    if mcfg.backbone == "scratch" and (keys := [k for k, v in tuning.items() if getattr(cfg, k) != v]):
+        raise ValueError(f"train.{keys[0]}={getattr(cfg, keys[0])} needs a pretrained model.backbone")
     if not re.fullmatch(r"auto|cpu|cuda|cuda:\d+|mps", cfg.device):
         raise ValueError(f"train.device must be auto, cpu, cuda, cuda:N or mps, got {cfg.device!r}")
 
@@ -297,7 +307,7 @@ def parse_args(argv) -> tuple[dict, Path]:
     parser.add_argument("overrides", nargs="*", default=[], metavar="section.key=value")
     args = parser.parse_args(argv)
     cfg = common.load_config(args.config, args.overrides, SECTIONS)
-    check_train_config(cfg["train"])
+    check_train_config(cfg["train"], cfg["model"])
     evaluate.check_eval_config(cfg["eval"])
     data.check_data_config(cfg["data"])
     cfg["train"].name = cfg["train"].name or Path(args.config).stem
@@ -311,6 +321,8 @@ def setup(argv) -> Run:
     run = Run(cfg, run_dir, *init_distributed(pick_device(cfg["train"].device)))
     if run.world > 1 and run.tcfg.task != "rec":
         raise ValueError(f"train.task={run.tcfg.task} runs in one process: start it with python, not torchrun")
+    if run.world > 1 and run.tcfg.frozen_epochs:   # DDP fixes the parameters it reduces when it wraps the model
+        raise ValueError("train.frozen_epochs runs in one process: start it with python, not torchrun")
     check_run_dir(run_dir, run.tcfg.resume, run.resolved)
     t0 = time.time()
     run.ds = data.load_dataset(cfg["data"])   # a missing file, malformed line or failed download ends here
@@ -371,6 +383,22 @@ def resume_from_last(run: Run):
     print(f"resumed from {last} at step {run.step}")
 
 
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW's groups of the parameters that train (requires_grad): ours (all of a scratch model; a pretrained
+    one's backbones.OURS) and a pretrained backbone's weights ("backbone": its lr is train.backbone_lr_ratio x the
+    phase's, frozen_epochs freeze it), each split into matrices (decayed) and vectors (biases, norms: not)."""
+    pretrained = model.new_rows is not None
+    groups = []
+    for backbone in (False, True):
+        params = [p for n, p in model.named_parameters() if p.requires_grad
+                  and (pretrained and n not in backbones.OURS) == backbone]
+        for decay in (True, False):
+            chosen = [p for p in params if (p.dim() >= 2) == decay]
+            if chosen:   # pause_pretrain: weight_decay 0, the <pause> row shares its table with our other rows
+                groups.append({"params": chosen, "weight_decay": weight_decay if decay else 0.0, "backbone": backbone})
+    return groups
+
+
 def build(run: Run):
     """Model (a backbone: pretrained weights, our tokens' rows appended), AdamW, the state of last.pt when
     resuming, the training forward (optionally compiled and under DDP); then the run folder is written."""
@@ -382,13 +410,12 @@ def build(run: Run):
     if pause_only:   # the <pause> row starts at the mean of all rows and is the only weight trained
         stages.init_pause_row(model, run.tok, torch.Generator().manual_seed(tcfg.seed))
         stages.train_only_pause_row(model, run.tok)
-    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocabulary {run.tok.size}")
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    # decay would shrink the frozen GPT-2 rows, or (pause_pretrain) the rows that share the <pause> row's table
-    wd = 0.0 if run.mcfg.train_only_new_tokens or pause_only else tcfg.weight_decay
-    run.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": wd},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=tcfg.lr, betas=(0.9, 0.98))
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters ({trained / 1e6:.2f}M "
+          f"trained), vocabulary {run.tok.size}")
+    groups = param_groups(model, tcfg.weight_decay if not pause_only else 0.0)
+    run.optimizer = torch.optim.AdamW(groups, lr=tcfg.lr, betas=(0.9, 0.98))
+    run.backbone_params = [p for g in groups if g["backbone"] for p in g["params"]]
     if tcfg.resume:
         resume_from_last(run)
     run.train_loss = BatchLoss(model, pauserec.training_loss if tcfg.task == "rec" else stages.text_loss)
@@ -437,24 +464,36 @@ class Phase:
         self.steps_per_epoch = math.ceil(len(self.examples) / tcfg.batch_size)
         epochs, lr = {"rec": (tcfg.epochs, tcfg.lr), "align": (tcfg.align_epochs, tcfg.align_lr),
                       "pause_pretrain": (tcfg.pause_epochs, tcfg.pause_lr)}[tcfg.task]
+        frozen = {"rec": tcfg.frozen_epochs, "align": tcfg.align_frozen_epochs, "pause_pretrain": 0}[tcfg.task]
         if refit:
-            epochs, lr = tcfg.refit_epochs, tcfg.refit_lr
+            epochs, lr, frozen = tcfg.refit_epochs, tcfg.refit_lr, 0
         self.total = epochs * self.steps_per_epoch
+        self.frozen_steps = min(frozen, epochs) * self.steps_per_epoch   # steps before the backbone trains
         self.first_epoch = tcfg.epochs if refit else 0
         self.lr_cfg = replace(tcfg, lr=lr)
+        ratio = tcfg.backbone_lr_ratio   # the backbone's schedule: its own warmup and cosine from its first step
+        self.backbone_lr_cfg = replace(tcfg, lr=lr * ratio, min_lr=tcfg.min_lr * ratio)
+
+    def lrs(self, step: int) -> tuple[float, float]:
+        """(our parameters' lr, the backbone's: 0 while frozen) at step (counted from 0)."""
+        backbone = step - self.frozen_steps
+        return (lr_at(step, self.total, self.lr_cfg),
+                lr_at(backbone, self.total - self.frozen_steps, self.backbone_lr_cfg) if backbone >= 0 else 0.0)
 
 
 def train_step(run: Run, phase: Phase, rows, epoch: int):
     """One optimizer step on rows of phase.examples; every log_every steps the loss goes to the bar and
     log.jsonl (and, when stdout is no terminal, to a printed line)."""
     t_step, n = time.time(), getattr(run, phase.counter) + 1
-    lr = lr_at(n - 1, phase.total, phase.lr_cfg)
+    lr, backbone_lr = phase.lrs(n - 1)
+    for p in run.backbone_params:   # frozen: no gradient computed, AdamW skips them (no state, no decay)
+        p.requires_grad_(n - 1 >= phase.frozen_steps)
     run.train_loss.train()
     mine, weight = shard(rows, phase.examples, run.rank, run.world)   # all rows when world == 1
     ids, loss_mask = pauserec.collate([phase.examples[i] for i in mine], run.tok.PAD)
     ids, loss_mask = ids.to(run.device), loss_mask.to(run.device)
     for group in run.optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = backbone_lr if group["backbone"] else lr
     with run.autocast:
         loss = run.train_loss(ids, loss_mask)
     run.optimizer.zero_grad(set_to_none=True)
@@ -475,7 +514,7 @@ def train_step(run: Run, phase: Phase, rows, epoch: int):
         rate = run.tokens / (time.time() - run.t_log)
         run.bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:.0f}")
         log(run, {phase.counter: n, "epoch": epoch, "loss": round(loss.item(), 4), "lr": lr,
-                  "tokens_per_s": round(rate)})
+                  **({"backbone_lr": backbone_lr} if run.backbone_params else {}), "tokens_per_s": round(rate)})
         if not sys.stdout.isatty():   # a batch job's log: no bar there (tqdm hides it), so one line instead
             print(f"{phase.counter} {n}/{phase.total} epoch {epoch} loss {loss.item():.4f} lr {lr:.2e} "
                   f"tokens/s {rate:.0f}", flush=True)

@@ -199,14 +199,14 @@ def test_load_gpt2_maps_names_and_transposes_conv1d(tmp_path, prefix, fmt, buffe
     cfg, tok, _, _ = gpt2_setup(folder)
     model = bb.make_model(cfg, tok)
     ours = model.state_dict()
-    assert set(sd) | {"lm_head.weight"} == set(ours)
+    assert set(sd) | {"lm_head.weight", "new_rows"} == set(ours)   # our rows apart from the text rows
     assert ours["transformer.h.1.attn.c_attn.weight"].shape == (96, 32)    # nn.Linear [out, in]
     assert torch.equal(ours["transformer.h.1.mlp.c_fc.weight"], sd["transformer.h.1.mlp.c_fc.weight"])
-    wte = model.transformer.wte.weight
-    assert wte.shape[0] == tok.size and tok.PAD == tok.base == hf["vocab_size"]
-    new = wte[tok.base:]
-    assert torch.allclose(new, wte[: tok.base].mean(0).expand_as(new))    # new rows: mean of the pretrained
-    assert model.lm_head.weight is wte
+    rows = model.input_rows()
+    assert rows.shape[0] == tok.size and tok.PAD == tok.base == hf["vocab_size"]
+    new = rows[tok.base:]
+    assert torch.allclose(new, rows[: tok.base].mean(0).expand_as(new))    # new rows: mean of the pretrained
+    assert model.lm_head.weight is model.transformer.wte.weight
 
 
 def test_config_checks(tmp_path):
@@ -216,8 +216,9 @@ def test_config_checks(tmp_path):
         pr.ModelConfig(backbone="gpt2")
     with pytest.raises(ValueError, match="model.prompt"):
         pr.ModelConfig(prompt="titles")
-    with pytest.raises(ValueError, match="need a pretrained model.backbone"):
-        pr.ModelConfig(prompt="sids+titles")
+    for key, value in (("prompt", "sids+titles"), ("train_text_rows", True), ("sid_init", "text")):
+        with pytest.raises(ValueError, match=re.escape(f"model.{key}={value} needs a pretrained model.backbone")):
+            pr.ModelConfig(**{key: value})
     folder = write_checkpoint(tmp_path / "ckpt")
     cfg, tok, _, _ = gpt2_setup(folder)
     with pytest.raises(ValueError, match="max_len=65 exceeds the 64 positions"):
@@ -380,7 +381,7 @@ def test_rationale_words_start_as_their_text_tokens_mean_row(tmp_path):
     folder = write_checkpoint(tmp_path / "gpt2")
     cfg = pr.ModelConfig(backbone="gpt2", hf_dir=str(folder), max_len=64, reasoning="cot", pause_layout="target")
     tok = bb.make_tokens(cfg, torch.tensor([[0, 1], [1, 0]]), ["polish", "brand", "opi"])
-    wte = bb.make_model(cfg, tok).transformer.wte.weight.detach()
+    wte = bb.make_model(cfg, tok).input_rows().detach()
     text = bpe.load_tokenizer(folder)
     for w in tok.words:
         assert torch.allclose(wte[tok.word_index[w]], wte[text.encode(" " + w)].mean(0)), w
@@ -471,7 +472,7 @@ def test_beam_search_matches_transformers_generate(tmp_path):
     tok = bb.make_tokens(cfg, codes, (), meta)
     model = bb.make_model(cfg, tok).eval()
     with torch.no_grad():  # distinct new rows, so that items get clearly different scores
-        model.transformer.wte.weight[tok.base:] += torch.randn(tok.size - tok.base, 32, generator=g) * 0.5
+        model.new_rows += torch.randn(tok.size - tok.base, 32, generator=g) * 0.5
     ref = bench.to_hf_gpt2(model, tok)   # raises if a weight does not map
     assert (ref.config.n_layer, ref.config.n_embd, ref.config.n_positions) == (2, 32, 64)
     trie = pr.SIDTrie(codes)

@@ -121,8 +121,9 @@ def distinct_rows(model, tok, seed=0):
     """Our rows all start as the mean pretrained row: spread them, so that items get clearly different scores."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for w in {id(w): w for w in (model.transformer.wte.weight, model.lm_head.weight)}.values():
-            w[tok.base:] += torch.randn(tok.size - tok.base, w.shape[1], generator=g) * 0.5
+        for w in (model.new_rows, model.new_head_rows):   # our input rows, and an untied head's
+            if w is not None:
+                w += torch.randn(tok.size - tok.base, w.shape[1], generator=g) * 0.5
 
 
 def test_beam_search_matches_transformers_generate_llama(tmp_path):
@@ -134,7 +135,7 @@ def test_beam_search_matches_transformers_generate_llama(tmp_path):
     distinct_rows(model, tok)
     ref.resize_token_embeddings(tok.size, mean_resizing=False)
     with torch.no_grad():
-        ref.get_input_embeddings().weight.copy_(model.transformer.wte.weight)
+        ref.get_input_embeddings().weight.copy_(model.input_rows())
     assert ref.lm_head.weight is ref.get_input_embeddings().weight
     ref.generation_config.pad_token_id, ref.generation_config.eos_token_id = tok.PAD, tok.EOS
     trie, r = pr.SIDTrie(codes()), random.Random(0)

@@ -104,31 +104,30 @@ def test_pause_row_starts_at_the_mean_of_all_rows(llama):
     cfg, tok, _, _ = demo_tokens(llama)
     model = bb.make_model(cfg, tok)
     with torch.no_grad():   # our rows far from the text rows, so that the mean of all rows is not the text mean
-        model.transformer.wte.weight[tok.base:].normal_(3.0, 1.0)
-    rows = model.transformer.wte.weight.detach().clone()
+        model.new_rows.normal_(3.0, 1.0)
+    rows = model.input_rows().detach().clone()
     stages.init_pause_row(model, tok, torch.Generator().manual_seed(0))
-    pause = model.transformer.wte.weight[tok.PAUSE].detach()
+    pause = model.input_rows()[tok.PAUSE].detach()
     spread = (pause - rows.mean(0)).abs() / rows.std(0)
     assert 0 < spread.max() <= 5 * stages.PAUSE_SPREAD
     assert (pause - rows[:tok.base].mean(0)).abs().min() > 0.1
 
 
 def test_pause_pretraining_changes_only_the_pause_row(tmp_path, llama):
-    """align, then pause_pretrain from it: every tensor of the model is bit-identical except the <pause> row of the
-    (tied) embedding, which has moved from its initial mean."""
+    """align, then pause_pretrain from it: every tensor of the model is bit-identical except the <pause> row of our
+    rows (new_rows), which has moved from its initial mean."""
     align = stage(tmp_path, llama, "align")
     run = stage(tmp_path, llama, "pause_pretrain", f"model.init_from={align}", "train.pause_rate=0.3")
     before = torch.load(align / "model.pt", weights_only=True)["model"]
     after = torch.load(run / "model.pt", weights_only=True)["model"]
     assert before.keys() == after.keys()
     changed = [k for k in before if not torch.equal(before[k], after[k])]
-    assert changed == ["transformer.wte.weight", "lm_head.weight"]     # one tied table, saved under both names
-    tok_base = bb.hf_config(llama)["vocab_size"]
-    pause = tok_base + pr.Tokens.PAUSE
-    differ = (before["transformer.wte.weight"] != after["transformer.wte.weight"]).any(1).nonzero().flatten()
+    assert changed == ["new_rows"]                                      # our rows, apart from the text rows
+    pause = pr.Tokens.PAUSE                                             # its index among our rows
+    differ = (before["new_rows"] != after["new_rows"]).any(1).nonzero().flatten()
     assert differ.tolist() == [pause]
-    rows = before["transformer.wte.weight"]
-    moved = (after["transformer.wte.weight"][pause] - rows.mean(0)).abs() / rows.std(0)
+    rows = torch.cat([before["transformer.wte.weight"], before["new_rows"]])   # all input rows [V, d]
+    moved = (after["new_rows"][pause] - rows.mean(0)).abs() / rows.std(0)
     assert moved.max() > 5 * stages.PAUSE_SPREAD                         # trained beyond its initial spread
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["task"] == "pause_pretrain" and metrics["train_tokens"] > 0 and metrics["steps"] > 0
@@ -203,7 +202,7 @@ def test_full_beam_equals_exhaustive_for_the_pause_sft_model(llama):
                             "think_pauses": True})
     model = bb.make_model(cfg, tok).eval()
     with torch.no_grad():   # our rows distinct (they start equal), so that every item has its own score
-        model.transformer.wte.weight[tok.base:].normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+        model.new_rows.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
     trie, N = pr.SIDTrie(codes), len(codes)
     prompts = [pr.build_prompt(tok, cfg, h) for h in ([0, 5, 9], [3], [7, 1, 2, 8])]
     items, scores = pr.beam_search(model, tok, cfg, trie, prompts, N, N)
@@ -232,12 +231,12 @@ def test_init_from_loads_a_stage_and_a_mismatch_is_a_one_line_error(tmp_path, ll
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
     # cot: the rationale words' rows come after the run's, and keep their initial values
     _, tok, model = fresh(reasoning="cot", words=("alpha", "beta"))
-    init = model.transformer.wte.weight[-2:].detach().clone()
+    init = model.new_rows[-2:].detach().clone()
     stages.load_init(model, tok, codes, align)
-    assert torch.equal(model.transformer.wte.weight[:-2], saved["transformer.wte.weight"])
-    assert torch.equal(model.transformer.wte.weight[-2:], init)
+    assert torch.equal(model.new_rows[:-2], saved["new_rows"])
+    assert torch.equal(model.new_rows[-2:], init)
     for kw, match in ((dict(keep_layers=1), "model.pt has transformer.h.1"),
-                      (dict(train_only_new_tokens=True), "model.pt lacks new_rows")):
+                      (dict(reasoning="latent", pause_layout="last"), "model.pt lacks reasoning_pos")):
         _, tok, model = fresh(**kw)
         with pytest.raises(ValueError, match=match) as e:
             stages.load_init(model, tok, codes, align)
