@@ -297,7 +297,8 @@ def test_bench_pauserec_end_to_end(tmp_path, llama, capsys):
     for r in result["rows"]:
         if r["system"].endswith("SFT") or "SFT (" in r["system"]:
             assert 0 <= r["test"]["ndcg@10"] <= r["test"]["recall@10"] <= 1
-            assert r["ms_per_user_batch1"] > 0 and r["users_per_s_batch"] > 0 and r["verbalization_ppl"] > 0
+            # the latency is a clock reading (rounded to 0.01 ms): only that it is there, not its size, is checked
+            assert r["ms_per_user_batch1"] >= 0 and r["users_per_s_batch"] > 0 and r["verbalization_ppl"] > 0
     again = bench.main(["pauserec", config, "--out", out, "--time-users", "8", "--probe-items", "20", *over])
     assert "reusing the finished run" in capsys.readouterr().out
     assert [r["test"] for r in again["rows"][:2]] == [r["test"] for r in result["rows"][:2]]
