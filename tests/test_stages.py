@@ -118,6 +118,25 @@ def test_alignment_texts_pair_each_sid_with_its_own_text_both_ways(llama):
     assert not any(m for t, m in zip(pids, pmask) if t == tok.PAUSE)
 
 
+# ----------------------------------------------------------------------------------------------- the stages' loss
+
+
+def test_text_loss_is_the_mean_cross_entropy_of_the_supervised_tokens_over_every_row(llama):
+    """stages.text_loss on a right-padded batch against a loop over each supervised token, predicted from its prefix
+    alone with a softmax over every row (text and ours): prompts and padding add nothing, no position is shifted."""
+    cfg, tok, meta, _ = demo_tokens(llama)
+    model = bb.make_model(cfg, tok).eval()
+    examples = stages.alignment_examples(tok, bpe.load_tokenizer(llama), meta[:2], 24)   # both directions
+    T = max(len(x) for x, _ in examples)
+    ids = torch.tensor([x + [0] * (T - len(x)) for x, _ in examples])
+    mask = torch.tensor([m + [False] * (T - len(m)) for _, m in examples])
+    rows = model.transformer.wte.weight      # a tied head: the output rows are the input rows, text and ours
+    with torch.no_grad():
+        want = [-torch.log_softmax(rows @ model.hidden(torch.tensor([x[:j]]))[0, -1], 0)[x[j]]
+                for x, m in examples for j in range(1, len(x)) if m[j]]
+        assert torch.allclose(stages.text_loss(model, ids, mask), torch.stack(want).mean(), atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------- pause pre-training
 
 
