@@ -131,6 +131,8 @@ def test_text_loss_is_the_mean_cross_entropy_of_the_supervised_tokens_over_every
     ids = torch.tensor([x + [0] * (T - len(x)) for x, _ in examples])
     mask = torch.tensor([m + [False] * (T - len(m)) for _, m in examples])
     rows = model.transformer.wte.weight      # a tied head: the output rows are the input rows, text and ours
+    if model.new_rows is not None:           # our rows kept apart from the text rows
+        rows = torch.cat([rows, model.new_rows])
     with torch.no_grad():
         want = [-torch.log_softmax(rows @ model.hidden(torch.tensor([x[:j]]))[0, -1], 0)[x[j]]
                 for x, m in examples for j in range(1, len(x)) if m[j]]
