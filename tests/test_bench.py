@@ -53,7 +53,7 @@ def test_bench_reasoning_quick(tmp_path):
             for key in ("recall@5", "recall@10", "ndcg@5", "ndcg@10"):
                 assert 0 <= row[split][key] <= 1
             assert row[split]["ndcg@10"] <= row[split]["recall@10"]
-        assert row["train_seconds"] > 0 and row["train_tokens"] > 0
+        assert row["train_tokens"] > 0
         assert row["users_per_s_batch1"] > 0 and row["users_per_s_batch256"] > 0
         assert row["train_tokens_per_s"] > 0 and row["epochs"] == 1
     # each row shows its own mode's run: trained with the mode's settings, its metrics as saved
@@ -64,7 +64,10 @@ def test_bench_reasoning_quick(tmp_path):
             key, value = setting.split("=", 1)
             section, key = key.split(".")
             assert str(saved[section][key]) == value, (name, setting)
-        assert row["test"] == json.loads((run / "metrics.json").read_text())["test"], name
+        # the figures shown are the run's own (its train seconds whatever they are: no assert reads a clock)
+        metrics = json.loads((run / "metrics.json").read_text())
+        shown = {k: row[k] for k in ("test", "train_tokens", "train_seconds")}
+        assert shown == {k: metrics[k] for k in shown}, name
     # more pauses -> more tokens trained on the same examples
     tokens = {r["mode"]: r["train_tokens"] for r in table}
     assert tokens["none"] < tokens["pause M=1"] < tokens["pause M=8"]
@@ -95,7 +98,13 @@ def test_bench_seeds_mean_std(tmp_path, capsys):
             values = [r[split][key] for r in out["runs"]]
             assert out["summary"][split][key]["mean"] == pytest.approx(sum(values) / 2, abs=1e-6)
             assert out["summary"][split][key]["std"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5, abs=1e-6)
-    assert out["summary"]["train_seconds"]["mean"] > 0
+    # train seconds: the summary is that of the runs' own metrics.json, whatever the clock gave (a tiny run's
+    # rounds to 0.0 on a fast machine, so no assert reads it); that they trained is train_tokens' to say
+    saved = [json.loads((tmp_path / "s" / f"seed{s}" / "metrics.json").read_text()) for s in (0, 1)]
+    spent = [m["train_seconds"] for m in saved]
+    per_run, summary = [r["train_seconds"] for r in out["runs"]], out["summary"]["train_seconds"]
+    assert all(m["train_tokens"] > 0 for m in saved) and min(spent) >= 0 and per_run == spent
+    assert summary == pytest.approx({"mean": sum(spent) / 2, "std": abs(spent[0] - spent[1]) / 2 ** 0.5}, abs=1e-6)
     assert bench.main(args)["runs"] == out["runs"]                   # finished runs are reused
     assert "reusing the finished run" in capsys.readouterr().out
 

@@ -1,6 +1,6 @@
 """Tests of the paper's pipeline (stages.py, train.task, model.init_from, layout last, think_pauses, bench.py pauserec)
-on a tiny random Llama saved by `transformers` (skipped without it), with a GPT-2-style tokenizer, and the demo
-catalogue."""
+on a tiny random Llama written in the Hugging Face layout by the tests themselves (no `transformers` needed), with a
+GPT-2-style tokenizer, and the demo catalogue."""
 
 import json
 import os
@@ -20,6 +20,7 @@ import bench  # noqa: E402
 import bpe  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
+import gguf_to_hf  # noqa: E402
 import pauserec as pr  # noqa: E402
 import sid  # noqa: E402
 import stages  # noqa: E402
@@ -29,17 +30,37 @@ from model import ModelConfig  # noqa: E402
 torch.set_num_threads(1)
 
 
+LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 64, "intermediate_size": 96,
+         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
+         "tie_word_embeddings": True, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "hidden_act": "silu"}
+
+
+def llama_weights(config, seed=0):
+    """Random tensors under Hugging Face's Llama names (a tied head: no lm_head, as save_pretrained writes it):
+    matrices of std 0.02 (transformers' initializer_range), norms 1 plus small noise, so that a norm loaded into
+    the wrong place is not hidden by all of them being ones."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g) * 0.02  # noqa: E731
+    C, F = config["hidden_size"], config["intermediate_size"]
+    kv = config["num_key_value_heads"] * C // config["num_attention_heads"]   # GQA: fewer k, v heads
+    sd = {"model.embed_tokens.weight": r(config["vocab_size"], C), "model.norm.weight": 1 + r(C)}
+    for i in range(config["num_hidden_layers"]):
+        b = f"model.layers.{i}."
+        sd.update({b + "self_attn.q_proj.weight": r(C, C), b + "self_attn.k_proj.weight": r(kv, C),
+                   b + "self_attn.v_proj.weight": r(kv, C), b + "self_attn.o_proj.weight": r(C, C),
+                   b + "mlp.gate_proj.weight": r(F, C), b + "mlp.up_proj.weight": r(F, C),
+                   b + "mlp.down_proj.weight": r(C, F), b + "input_layernorm.weight": 1 + r(C),
+                   b + "post_attention_layernorm.weight": 1 + r(C)})
+    return sd
+
+
 def tiny_llama(folder):
-    """A random 2-block Llama (GQA, tied embeddings) over the test tokenizer's vocabulary, saved by transformers."""
-    transformers = pytest.importorskip("transformers")
-    transformers.logging.set_verbosity_error()
+    """A random 2-block Llama (GQA, tied embeddings) over the test tokenizer's vocabulary, a Hugging Face folder
+    written by hand (config.json, model.safetensors, vocab.json + merges.txt): these tests need no `transformers`."""
     folder.mkdir(parents=True, exist_ok=True)
-    V = write_tokenizer(folder)
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                      tie_word_embeddings=True)
-    transformers.LlamaForCausalLM(config).save_pretrained(str(folder))
+    config = {**LLAMA, "vocab_size": write_tokenizer(folder)}
+    (folder / "config.json").write_text(json.dumps(config))
+    gguf_to_hf.write_safetensors(folder / "model.safetensors", llama_weights(config))
     return str(folder)
 
 
@@ -95,6 +116,27 @@ def test_alignment_texts_pair_each_sid_with_its_own_text_both_ways(llama):
     assert tok.PAUSE in pids and pids[0] == tok.BOS
     assert [t for t in pids if t != tok.PAUSE] == ids and [m for t, m in zip(pids, pmask) if t != tok.PAUSE] == mask
     assert not any(m for t, m in zip(pids, pmask) if t == tok.PAUSE)
+
+
+# ----------------------------------------------------------------------------------------------- the stages' loss
+
+
+def test_text_loss_is_the_mean_cross_entropy_of_the_supervised_tokens_over_every_row(llama):
+    """stages.text_loss on a right-padded batch against a loop over each supervised token, predicted from its prefix
+    alone with a softmax over every row (text and ours): prompts and padding add nothing, no position is shifted."""
+    cfg, tok, meta, _ = demo_tokens(llama)
+    model = bb.make_model(cfg, tok).eval()
+    examples = stages.alignment_examples(tok, bpe.load_tokenizer(llama), meta[:2], 24)   # both directions
+    T = max(len(x) for x, _ in examples)
+    ids = torch.tensor([x + [0] * (T - len(x)) for x, _ in examples])
+    mask = torch.tensor([m + [False] * (T - len(m)) for _, m in examples])
+    rows = model.transformer.wte.weight      # a tied head: the output rows are the input rows, text and ours
+    if model.new_rows is not None:           # our rows kept apart from the text rows
+        rows = torch.cat([rows, model.new_rows])
+    with torch.no_grad():
+        want = [-torch.log_softmax(rows @ model.hidden(torch.tensor([x[:j]]))[0, -1], 0)[x[j]]
+                for x, m in examples for j in range(1, len(x)) if m[j]]
+        assert torch.allclose(stages.text_loss(model, ids, mask), torch.stack(want).mean(), atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------- pause pre-training
@@ -275,7 +317,8 @@ def test_bench_pauserec_end_to_end(tmp_path, llama, capsys):
     for r in result["rows"]:
         if r["system"].endswith("SFT") or "SFT (" in r["system"]:
             assert 0 <= r["test"]["ndcg@10"] <= r["test"]["recall@10"] <= 1
-            assert r["ms_per_user_batch1"] > 0 and r["users_per_s_batch"] > 0 and r["verbalization_ppl"] > 0
+            # the latency is a clock reading (rounded to 0.01 ms): only that it is there, not its size, is checked
+            assert r["ms_per_user_batch1"] >= 0 and r["users_per_s_batch"] > 0 and r["verbalization_ppl"] > 0
     again = bench.main(["pauserec", config, "--out", out, "--time-users", "8", "--probe-items", "20", *over])
     assert "reusing the finished run" in capsys.readouterr().out
     assert [r["test"] for r in again["rows"][:2]] == [r["test"] for r in result["rows"][:2]]
