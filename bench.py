@@ -60,9 +60,9 @@ import stages
 from model import GPT, ModelConfig
 
 
-def interleaved_medians(fns, reps=3):
-    """Median seconds of each fn: all warmed up once, then `reps` rounds that call each fn in turn, so a
-    machine that speeds up or slows down over time (clocks, other load) shifts every fn alike."""
+def interleaved_seconds(fns, reps=3):
+    """Seconds of each call of each fn ([reps] per fn): all warmed up once, then `reps` rounds that call each fn
+    in turn, so a machine that speeds up or slows down over time (clocks, other load) shifts every fn alike."""
     for fn in fns:
         fn()
     times = [[] for _ in fns]
@@ -71,7 +71,12 @@ def interleaved_medians(fns, reps=3):
             t0 = time.perf_counter()
             fn()
             t.append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
+    return times
+
+
+def interleaved_medians(fns, reps=3):
+    """Median seconds of each fn, timed in interleaved rounds (interleaved_seconds)."""
+    return [statistics.median(t) for t in interleaved_seconds(fns, reps)]
 
 
 def median_seconds(fn, reps=3):
@@ -282,29 +287,51 @@ def train_modes(args, runs):
             print(f"done: {log}", flush=True)
 
 
-def train_steps(tok, mcfg, ds, max_history, batch_size, model, device, steps=20):
-    """(fn, tokens): fn runs `steps` optimizer steps (forward, backward, AdamW) on a copy of the model with
-    batches of the run's size, over `tokens` training tokens; timing it gives a mode's training throughput."""
-    import copy
-
+def training_batches(tok, mcfg, ds, max_history, batch_size, steps):
+    """(batches, tokens): up to `steps` batches [(ids, loss_mask)] of the run's size, built as train.py builds them
+    (its examples, its shuffled length-sorted batches), and each batch's real tokens (padding not counted)."""
     import train
     ds = ds._replace(sequences=ds.sequences[: 4 * steps * batch_size])   # enough examples for `steps` batches
     split = data.leave_one_out(ds.sequences, max_history)
     examples = train.training_examples(tok, mcfg, ds, split, max_history, random.Random(0))
     order = train.batches(examples, batch_size, torch.Generator().manual_seed(0))[:steps]
-    model = copy.deepcopy(model).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    batches = [pauserec.collate([examples[i] for i in rows], tok.PAD) for rows in order]
+    return ([pauserec.collate([examples[i] for i in rows], tok.PAD) for rows in order],
+            [sum(len(examples[i][0]) for i in rows) for rows in order])
+
+
+def optimizer_step(model, device, weight_decay):
+    """step(ids, loss_mask): one training step of model (forward, backward, AdamW) over the parameters that require
+    grad, in train.param_groups' groups as train.py makes them: frozen weights get no gradient and no update."""
+    import train
+    model.train()
+    opt = torch.optim.AdamW(train.param_groups(model, weight_decay), lr=1e-4)
+
+    def step(ids, loss_mask):
+        loss = pauserec.training_loss(model, ids.to(device), loss_mask.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def synchronize(device):
+    """Wait for the accelerator's queued work, so that a timer around it counts it."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def train_steps(tok, mcfg, ds, max_history, batch_size, model, device, steps=20, weight_decay=0.0):
+    """(fn, tokens): fn runs `steps` optimizer steps (forward, backward, AdamW) on a copy of the model with
+    batches of the run's size, over `tokens` training tokens; timing it gives a mode's training throughput."""
+    import copy
+    batches, tokens = training_batches(tok, mcfg, ds, max_history, batch_size, steps)
+    step = optimizer_step(copy.deepcopy(model), device, weight_decay)
 
     def run():
-        for ids, mask in batches:
-            loss = pauserec.training_loss(model, ids.to(device), mask.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-    return run, sum(len(examples[i][0]) for rows in order for i in rows)
+        for ids, loss_mask in batches:
+            step(ids, loss_mask)
+        synchronize(device)
+    return run, sum(tokens)
 
 
 def mode_runs(config, overrides, out_dir, seeds=1, modes=""):
@@ -409,7 +436,7 @@ def bench_reasoning(args, overrides):
             row["train_seconds"], row["train_seconds_std"] = summary["train_seconds"].values()
             row["seeds"] = args.seeds
         fn, tokens = train_steps(tok, cfg["model"], ds, cfg["data"].max_history, now["train"].batch_size, model,
-                                 device, args.time_steps)
+                                 device, args.time_steps, now["train"].weight_decay)
         timed.append((row, "train_tokens_per_s", fn, tokens))
         for batch in (1, 256):
             n = 64 if args.quick else args.time_users   # users timed at batch 256, and a 16th of them at batch 1
