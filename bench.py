@@ -38,6 +38,7 @@
 Timings are medians of 3 repetitions after a warm-up; compare figures from the same run only.
 """
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -46,7 +47,6 @@ import statistics
 import subprocess
 import sys
 import time
-import dataclasses
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -557,7 +557,8 @@ def probe(model, tok, text, item_meta, items) -> dict:
     top1 = (h_sid @ h_title.T).argmax(1).cpu() == torch.arange(len(items))
     return {"items": len(items), "verbalization_ppl": math.exp(nll / count),
             "sid_title_cos_gap": float((match - other).mean()), "sid_to_title_top1": float(top1.float().mean()),
-            "chance_top1": 1 / len(items), **alignment_check(model, tok, text, item_meta, items, model.cfg.max_title_len)}
+            "chance_top1": 1 / len(items),
+            **alignment_check(model, tok, text, item_meta, items, model.cfg.max_title_len)}
 
 
 @torch.inference_mode()
@@ -845,7 +846,8 @@ def print_pipeline(rows, time_users: int):
                  cell(r, "test", "ndcg@10"), get("train_tokens", ","), get("train_seconds", ".1f"),
                  get("ms_per_user_batch1", ".1f"), get("users_per_s_batch", ".1f"), get("verbalization_ppl", ".2f"),
                  get("sid_title_cos_gap", ".4f"), get("sid_to_title_top1", ".3f"), get("title_to_sid_top1", ".3f"),
-                 (f"{r['sid_to_title_first']:.3f} ({r['sid_to_title_other']:.3f})" if "sid_to_title_first" in r else "")]
+                 (f"{r['sid_to_title_first']:.3f} ({r['sid_to_title_other']:.3f})" if "sid_to_title_first" in r
+                  else "")]
         print("| " + " | ".join(cells) + " |")
     if any("chance_top1" in r for r in rows):
         first = next(r for r in rows if "chance_top1" in r)
