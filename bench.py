@@ -29,9 +29,16 @@
         throughput at batch --time-users, the probe, MostPop and Markov. Finished runs are reused (DIR, default
         runs/pauserec_<config stem>). --dry-run trains nothing: each run's tokens and expected seconds
 
+    python bench.py finetune CONFIG [--depths 2,8,30] [--steps 5] [--threads N] [--peak-gflops X] [key=value ...]
+        the pretrained backbone cut to each depth (model.keep_layers), trained with every weight
+        (model.train_text_rows=true), with its text rows frozen (the default), and with our rows only
+        (model.train_only_new_tokens=true): trained parameters, training tokens/s (real tokens, not padding) over
+        --steps optimizer steps after a warm-up step, and MFU against the float32 torch.mm rate measured here
+
 Timings are medians of 3 repetitions after a warm-up; compare figures from the same run only.
 """
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -40,7 +47,6 @@ import statistics
 import subprocess
 import sys
 import time
-import dataclasses
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -60,9 +66,9 @@ import stages
 from model import GPT, ModelConfig
 
 
-def interleaved_medians(fns, reps=3):
-    """Median seconds of each fn: all warmed up once, then `reps` rounds that call each fn in turn, so a
-    machine that speeds up or slows down over time (clocks, other load) shifts every fn alike."""
+def interleaved_seconds(fns, reps=3):
+    """Seconds of each call of each fn ([reps] per fn): all warmed up once, then `reps` rounds that call each fn
+    in turn, so a machine that speeds up or slows down over time (clocks, other load) shifts every fn alike."""
     for fn in fns:
         fn()
     times = [[] for _ in fns]
@@ -71,7 +77,12 @@ def interleaved_medians(fns, reps=3):
             t0 = time.perf_counter()
             fn()
             t.append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
+    return times
+
+
+def interleaved_medians(fns, reps=3):
+    """Median seconds of each fn, timed in interleaved rounds (interleaved_seconds)."""
+    return [statistics.median(t) for t in interleaved_seconds(fns, reps)]
 
 
 def median_seconds(fn, reps=3):
@@ -282,29 +293,51 @@ def train_modes(args, runs):
             print(f"done: {log}", flush=True)
 
 
-def train_steps(tok, mcfg, ds, max_history, batch_size, model, device, steps=20):
-    """(fn, tokens): fn runs `steps` optimizer steps (forward, backward, AdamW) on a copy of the model with
-    batches of the run's size, over `tokens` training tokens; timing it gives a mode's training throughput."""
-    import copy
-
+def training_batches(tok, mcfg, ds, max_history, batch_size, steps):
+    """(batches, tokens): up to `steps` batches [(ids, loss_mask)] of the run's size, built as train.py builds them
+    (its examples, its shuffled length-sorted batches), and each batch's real tokens (padding not counted)."""
     import train
     ds = ds._replace(sequences=ds.sequences[: 4 * steps * batch_size])   # enough examples for `steps` batches
     split = data.leave_one_out(ds.sequences, max_history)
     examples = train.training_examples(tok, mcfg, ds, split, max_history, random.Random(0))
     order = train.batches(examples, batch_size, torch.Generator().manual_seed(0))[:steps]
-    model = copy.deepcopy(model).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    batches = [pauserec.collate([examples[i] for i in rows], tok.PAD) for rows in order]
+    return ([pauserec.collate([examples[i] for i in rows], tok.PAD) for rows in order],
+            [sum(len(examples[i][0]) for i in rows) for rows in order])
+
+
+def optimizer_step(model, device, weight_decay):
+    """step(ids, loss_mask): one training step of model (forward, backward, AdamW) over the parameters that require
+    grad, in train.param_groups' groups as train.py makes them: frozen weights get no gradient and no update."""
+    import train
+    model.train()
+    opt = torch.optim.AdamW(train.param_groups(model, weight_decay), lr=1e-4)
+
+    def step(ids, loss_mask):
+        loss = pauserec.training_loss(model, ids.to(device), loss_mask.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def synchronize(device):
+    """Wait for the accelerator's queued work, so that a timer around it counts it."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def train_steps(tok, mcfg, ds, max_history, batch_size, model, device, steps=20, weight_decay=0.0):
+    """(fn, tokens): fn runs `steps` optimizer steps (forward, backward, AdamW) on a copy of the model with
+    batches of the run's size, over `tokens` training tokens; timing it gives a mode's training throughput."""
+    import copy
+    batches, tokens = training_batches(tok, mcfg, ds, max_history, batch_size, steps)
+    step = optimizer_step(copy.deepcopy(model), device, weight_decay)
 
     def run():
-        for ids, mask in batches:
-            loss = pauserec.training_loss(model, ids.to(device), mask.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-    return run, sum(len(examples[i][0]) for rows in order for i in rows)
+        for ids, loss_mask in batches:
+            step(ids, loss_mask)
+        synchronize(device)
+    return run, sum(tokens)
 
 
 def mode_runs(config, overrides, out_dir, seeds=1, modes=""):
@@ -409,7 +442,7 @@ def bench_reasoning(args, overrides):
             row["train_seconds"], row["train_seconds_std"] = summary["train_seconds"].values()
             row["seeds"] = args.seeds
         fn, tokens = train_steps(tok, cfg["model"], ds, cfg["data"].max_history, now["train"].batch_size, model,
-                                 device, args.time_steps)
+                                 device, args.time_steps, now["train"].weight_decay)
         timed.append((row, "train_tokens_per_s", fn, tokens))
         for batch in (1, 256):
             n = 64 if args.quick else args.time_users   # users timed at batch 256, and a 16th of them at batch 1
@@ -524,7 +557,8 @@ def probe(model, tok, text, item_meta, items) -> dict:
     top1 = (h_sid @ h_title.T).argmax(1).cpu() == torch.arange(len(items))
     return {"items": len(items), "verbalization_ppl": math.exp(nll / count),
             "sid_title_cos_gap": float((match - other).mean()), "sid_to_title_top1": float(top1.float().mean()),
-            "chance_top1": 1 / len(items), **alignment_check(model, tok, text, item_meta, items, model.cfg.max_title_len)}
+            "chance_top1": 1 / len(items),
+            **alignment_check(model, tok, text, item_meta, items, model.cfg.max_title_len)}
 
 
 @torch.inference_mode()
@@ -812,7 +846,8 @@ def print_pipeline(rows, time_users: int):
                  cell(r, "test", "ndcg@10"), get("train_tokens", ","), get("train_seconds", ".1f"),
                  get("ms_per_user_batch1", ".1f"), get("users_per_s_batch", ".1f"), get("verbalization_ppl", ".2f"),
                  get("sid_title_cos_gap", ".4f"), get("sid_to_title_top1", ".3f"), get("title_to_sid_top1", ".3f"),
-                 (f"{r['sid_to_title_first']:.3f} ({r['sid_to_title_other']:.3f})" if "sid_to_title_first" in r else "")]
+                 (f"{r['sid_to_title_first']:.3f} ({r['sid_to_title_other']:.3f})" if "sid_to_title_first" in r
+                  else "")]
         print("| " + " | ".join(cells) + " |")
     if any("chance_top1" in r for r in rows):
         first = next(r for r in rows if "chance_top1" in r)
@@ -853,9 +888,137 @@ def bench_pauserec(args, overrides):
     return result
 
 
+# ----------------------------------------------------------------------------------------------
+# Fine-tuning speed (bench.py finetune): training tokens/s and MFU of a pretrained backbone cut to a few depths,
+# with every weight trained, the text rows frozen (the recipe's default) or only our rows trained
+
+FINETUNE_SETTINGS = (("all weights", ["model.train_text_rows=true", "model.train_only_new_tokens=false"]),
+                     ("text rows frozen", ["model.train_text_rows=false", "model.train_only_new_tokens=false"]),
+                     ("our rows only", ["model.train_text_rows=false", "model.train_only_new_tokens=true"]))
+PEAK_SIZE = 2048   # side of the square float32 matrices whose torch.mm rate is the measured peak
+
+
+def measured_peak_gflops(device, n=PEAK_SIZE, reps=5) -> float:
+    """GFLOP/s of torch.mm on two n x n float32 matrices (2 n^3 FLOPs), median of `reps` after a warm-up, at
+    torch's current thread count: the peak the MFU is measured against."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=g).to(device) for _ in range(2))
+    out = torch.empty(n, n, device=device)
+
+    def mm():
+        torch.mm(a, b, out=out)
+        synchronize(device)
+    return 2 * n ** 3 / median_seconds(mm, reps) / 1e9
+
+
+def matmul_weights(model) -> tuple[int, int]:
+    """(N, N_trained): the weights multiplied per token, and those of them that train: the blocks' Linear weights
+    and the head's rows (model.head=new: ours only). A tied head is the input table, one matrix; looking up input
+    rows multiplies nothing."""
+    mats = [(m.weight.numel(), m.weight.requires_grad) for m in model.transformer.h.modules()
+            if isinstance(m, torch.nn.Linear)]
+    head = model.lm_head.weight                  # [V, d] from scratch, the text rows [base, d] pretrained
+    if model.new_rows is None:
+        mats.append((head[model.head_start:].numel(), head.requires_grad))
+    else:
+        ours = model.new_rows if model.new_head_rows is None else model.new_head_rows
+        mats.append((ours.numel(), ours.requires_grad))
+        if not model.head_start:   # head=full: the text rows too
+            mats.append((head.numel(), head.requires_grad))
+    return sum(n for n, _ in mats), sum(n for n, trained in mats if trained)
+
+
+def train_flops_per_token(model) -> int:
+    """Model FLOPs of a training token: 2N forward, 2N activation gradients, 2 N_trained weight gradients
+    (matmul_weights). Attention's scores are left out, and the head's rows count at every token although
+    model.loss multiplies them at the supervised positions only: a small overcount with model.head=new (our rows),
+    a large one with head=full."""
+    n, trained = matmul_weights(model)
+    return 4 * n + 2 * trained
+
+
+def stepper(step, batches, device):
+    """fn: each call takes one optimizer step (optimizer_step's `step`) on the next of batches."""
+    queue = iter(batches)
+
+    def fn():
+        step(*next(queue))
+        synchronize(device)
+    return fn
+
+
+def bench_finetune(args, overrides):
+    """Every depth x setting of FINETUNE_SETTINGS: the model as train.py builds it (the pretrained weights, cut to
+    the depth), one warm-up step, then --steps steps on real training batches, the settings of one depth in
+    interleaved rounds on the same batches; tokens/s and MFU against a float32 matmul peak measured here."""
+    import train
+    depths = [int(d) for d in args.depths.split(",")]
+    if args.steps < 1 or min(depths) < 1:
+        raise ValueError(f"bench.py finetune: --steps and --depths must be >= 1, got {args.steps}, {args.depths}")
+    cfg = run_config([args.config, *overrides])
+    tcfg, mcfg = cfg["train"], cfg["model"]
+    if mcfg.backbone == "scratch":
+        raise ValueError("bench.py finetune times a pretrained backbone: set model.backbone and model.hf_dir")
+    if tcfg.task != "rec":
+        raise ValueError(f"bench.py finetune times next-item training (train.task=rec), got train.task={tcfg.task}")
+    device = train.pick_device(tcfg.device)
+    if args.threads or tcfg.threads:
+        torch.set_num_threads(args.threads or tcfg.threads)
+    ds = data.load_dataset(cfg["data"])
+    backbones.fetch_hf(mcfg)
+    codes = train.sid_table(cfg, ds, Path(tcfg.sid_cache))[0]
+    words = rationales.rationale_words(ds.item_meta, mcfg.rationale_file) if mcfg.reasoning == "cot" else []
+    tok = backbones.make_tokens(mcfg, codes, words, ds.item_meta)
+    batches, tokens = training_batches(tok, mcfg, ds, cfg["data"].max_history, tcfg.batch_size, args.steps + 1)
+    if len(batches) <= args.steps:
+        raise ValueError(f"bench.py finetune: the data makes {len(batches)} batches, --steps {args.steps} needs "
+                         f"{args.steps + 1} (one to warm up)")
+    peak = args.peak_gflops or measured_peak_gflops(device)
+    rows = []
+    for depth in depths:
+        steps, row_of_depth = [], []
+        for name, setting in FINETUNE_SETTINGS:
+            row_cfg = run_config([args.config, *overrides, f"model.keep_layers={depth}", *setting])["model"]
+            torch.manual_seed(tcfg.seed)
+            model = backbones.make_model(row_cfg, tok).to(device)
+            steps.append(stepper(optimizer_step(model, device, tcfg.weight_decay), batches, device))
+            row_of_depth.append({"depth": depth, "setting": name,
+                                 "params": sum(p.numel() for p in model.parameters()),
+                                 "trained_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                                 "flops_per_token": train_flops_per_token(model)})
+        # the warm-up takes batch 0, round r batch r for every setting
+        for row, seconds in zip(row_of_depth, interleaved_seconds(steps, args.steps)):
+            row.update(tokens=sum(tokens[1:]), seconds=round(sum(seconds), 6))
+            row["tokens_per_s"] = round(row["tokens"] / sum(seconds), 1)
+            row["mfu"] = round(row["flops_per_token"] * row["tokens"] / sum(seconds) / (peak * 1e9), 5)
+        rows += row_of_depth
+        del steps, model   # the models of this depth, their gradients and AdamW states
+    peak_source = "--peak-gflops" if args.peak_gflops else "measured fp32 matmul peak"
+    print_finetune(rows, peak, peak_source, torch.get_num_threads(), device)
+    result = {"config": args.config, "overrides": overrides, "device": device, "threads": torch.get_num_threads(),
+              "steps": args.steps, "batch_size": tcfg.batch_size, "vocab_size": tok.size, "text_vocab": tok.base,
+              "peak_gflops": round(peak, 2), "peak_source": peak_source, "rows": rows}
+    print(json.dumps(result))
+    return result
+
+
+def print_finetune(rows, peak, peak_source, threads, device):
+    what = f"torch.mm {PEAK_SIZE}x{PEAK_SIZE} float32, {threads} threads" if peak_source.startswith("measured") \
+        else "given"
+    print(f"peak: {peak:.1f} GFLOP/s ({what}, {device})")
+    head = ["blocks", "setting", "trained params", "tokens", "seconds", "tokens/s", "GFLOP/token",
+            f"MFU vs {peak_source}"]
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for r in rows:
+        cells = [str(r["depth"]), r["setting"], f"{r['trained_params'] / 1e6:.2f}M of {r['params'] / 1e6:.2f}M",
+                 str(r["tokens"]), f"{r['seconds']:.3f}", f"{r['tokens_per_s']:.1f}",
+                 f"{r['flops_per_token'] / 1e9:.4f}", f"{100 * r['mfu']:.1f}%"]
+        print("| " + " | ".join(cells) + " |")
+
+
 def main(argv):
     import train  # for the config keys that `reasoning` passes on to train.py
-    keys = ("reasoning, seeds and pauserec pass their key=value arguments on to train.py.\n\n"
+    keys = ("reasoning, seeds, pauserec and finetune pass their key=value arguments on to train.py.\n\n"
             + common.cli_help("", train.SECTIONS))
     raw = argparse.RawDescriptionHelpFormatter   # keeps the docstring's and the key list's lines
     parser = common.Parser(description=__doc__, formatter_class=raw, epilog=keys, prog="bench.py")
@@ -901,6 +1064,13 @@ def main(argv):
                    "that --tokens-per-s implies; 989: H100/H200 dense bf16)")
     q.add_argument("--time-users", type=int, default=256, help="test users timed at batch N (and N/16 at batch 1)")
     q.add_argument("--probe-items", type=int, default=200, help="items of the limitation probe")
+    f = sub.add_parser("finetune", formatter_class=raw, epilog=keys)
+    f.add_argument("config")
+    f.add_argument("--depths", default="2,8,30", help="blocks kept (model.keep_layers), comma-separated")
+    f.add_argument("--steps", type=int, default=5, help="timed optimizer steps per row, after one warm-up step")
+    f.add_argument("--threads", type=int, default=0, help="torch threads (0: train.threads, else torch's default)")
+    f.add_argument("--peak-gflops", type=float, default=0.0, help="the peak the MFU is measured against, in "
+                   "GFLOP/s (e.g. an accelerator's); 0: measure torch.mm's float32 rate here")
     args, rest = parser.parse_known_args(argv)
     if args.command == "beam":
         if rest:
@@ -912,6 +1082,8 @@ def main(argv):
         return bench_probe(args, rest)
     if args.command == "pauserec":
         return bench_pauserec(args, rest)
+    if args.command == "finetune":
+        return bench_finetune(args, rest)
     return bench_reasoning(args, rest)
 
 

@@ -129,3 +129,35 @@ def test_bench_reasoning_modes_subset():
     assert [r[0] for r in runs] == ["none", "cot noise=0.0"] and "model.reasoning=cot" in runs[1][2]
     with pytest.raises(ValueError, match="unknown mode 'pause'.*pause M=2"):
         bench.mode_runs("c.yaml", [], "o", modes="pause")
+
+
+def test_bench_finetune_rows_counts_and_flops(tmp_path):
+    """bench.py finetune on a tiny tied Llama folder: a row per depth and setting; the trained parameters and the
+    FLOPs per token of each setting counted here from the written shapes; tokens/s and MFU consistent."""
+    from test_mapping import write_llama
+    C, V, n_head, n_kv, ff = 32, 40, 4, 2, 48
+    write_llama(tmp_path / "llama", "LlamaForCausalLM", V=V, C=C, n_head=n_head, n_kv=n_kv, ff=ff, tie=True)
+    overrides = [f"model.hf_dir={tmp_path / 'llama'}", "model.max_len=64", f"train.sid_cache={tmp_path / 'sids'}"]
+    out = bench.main(["finetune", str(ROOT / "configs" / "demo_smollm2.yaml"), "--depths", "1,2", "--steps", "2",
+                      "--threads", "1", *overrides])
+    settings = [name for name, _ in bench.FINETUNE_SETTINGS]
+    assert settings == ["all weights", "text rows frozen", "our rows only"]
+    assert [(r["depth"], r["setting"]) for r in out["rows"]] == [(d, s) for d in (1, 2) for s in settings]
+    assert out["text_vocab"] == V and out["threads"] == 1 and out["steps"] == 2
+    ours = (out["vocab_size"] - V) * C             # new_rows: the input rows and, tied, the head (model.head=new)
+    kv = C // n_head * n_kv
+    linear = C * (C + 2 * kv) + C * C + C * 2 * ff + ff * C   # c_attn [q; k; v], c_proj, c_fc [gate; up], mlp c_proj
+    for r in out["rows"]:
+        blocks, text_rows = r["depth"] * (linear + 2 * C), V * C   # + two RMSNorm weights per block
+        every = blocks + C + text_rows + ours                     # + the final norm
+        assert r["params"] == every
+        assert r["trained_params"] == {"all weights": every, "text rows frozen": every - text_rows,
+                                       "our rows only": ours}[r["setting"]]
+        n = r["depth"] * linear + ours                   # weights multiplied per token: blocks' Linears, the head
+        trained = n if r["setting"] != "our rows only" else ours
+        assert r["flops_per_token"] == 4 * n + 2 * trained
+        assert r["tokens"] == out["rows"][0]["tokens"] > 0   # the same batches for every row
+        assert r["tokens_per_s"] > 0 and r["tokens_per_s"] == pytest.approx(r["tokens"] / r["seconds"], rel=1e-3)
+        mfu = r["flops_per_token"] * r["tokens_per_s"] / (out["peak_gflops"] * 1e9)
+        assert r["mfu"] == pytest.approx(mfu, rel=1e-2, abs=1e-5)
+    assert out["peak_gflops"] > 0 and out["peak_source"] == "measured fp32 matmul peak"
