@@ -582,7 +582,7 @@ def alignment_check(model, tok, text, item_meta, items, max_title_len: int, n_fi
     for prompt, _ in to_text:                         # greedy, one item at a time (a few tokens each)
         ids = torch.tensor([prompt], device=model.device)
         for _ in range(n_first):
-            logits = F.linear(model.hidden(ids)[0, -1], model.head_rows(every_token=True))
+            logits = model.logits(model.hidden(ids)[0, -1], every_token=True)
             ids = torch.cat([ids, logits.argmax().view(1, 1)], 1)
         written.append(ids[0, len(prompt):].tolist())
     firsts = [answer[:n_first] for _, answer in to_text]
@@ -638,6 +638,14 @@ def stage_ignored() -> set[str]:
             | {f"eval.{f.name}" for f in fields(evaluate.EvalConfig)} | {f"model.{k}" for k in SFT_MODEL_KEYS})
 
 
+# The scratch decoder beside the LLM's rows (same data, SIDs, layout and split): configs/demo.yaml's 2 x 64 decoder
+# and schedule, with the pretrained-only settings put back to their defaults
+SCRATCH = ["model.backbone=scratch", "model.keep_layers=0", "model.sid_init=mean", "model.train_text_rows=false",
+           "model.prompt=sids", "model.n_layer=2", "model.n_head=4", "model.d_model=64", "model.dropout=0.1",
+           "train.lr=2e-3", "train.batch_size=32", "train.warmup_steps=50", "train.backbone_lr_ratio=1.0",
+           "train.frozen_epochs=0", "train.align_frozen_epochs=0"]
+
+
 def pipeline_runs(config, overrides, out_dir: Path, seeds: int, cot_seeds: int = 1):
     """[(row, run folder name, wave, train.py arguments)]. Waves run in order, as a run starts from one of an
     earlier wave (model.init_from); the runs of one wave are independent (--jobs runs them at once).
@@ -657,6 +665,9 @@ def pipeline_runs(config, overrides, out_dir: Path, seeds: int, cot_seeds: int =
                 runs.append((f"{arm}: {name}", slug, wave, [*base, *mode_args, "model.pause_layout=last",
                                                             "train.task=rec", *init, f"train.seed={s}",
                                                             f"train.name={slug}"]))
+    for s in range(seeds):
+        runs.append(("scratch decoder: plain", f"scratch_seed{s}", 0, [*base, "model.reasoning=none", *SCRATCH,
+                     "model.pause_layout=last", "train.task=rec", f"train.seed={s}", f"train.name=scratch_seed{s}"]))
     return runs
 
 
@@ -809,7 +820,8 @@ def time_and_probe(args, rows, out_dir: Path):
         if row["system"] == "backbone as loaded":
             torch.manual_seed(0)
             model = backbones.make_model(cfg["model"], tok).to(args.device)
-        probed.append((row, model, tok, cfg, ds))
+        if cfg["model"].backbone != "scratch":   # the probe reads text: a pretrained model's
+            probed.append((row, model, tok, cfg, ds))
         if "test" in row:
             mcfg, ecfg, trie = cfg["model"], cfg["eval"], pauserec.SIDTrie(codes)
             test, n = data.leave_one_out(ds.sequences, cfg["data"].max_history)["test"], args.time_users
@@ -1057,7 +1069,8 @@ def main(argv):
     q.add_argument("config")
     q.add_argument("--seeds", type=int, default=1, help="plain and pause SFTs with train.seed 0..N-1 (CoT: one)")
     q.add_argument("--out", default="", help="folder of the runs (default runs/pauserec_<config stem>)")
-    q.add_argument("--jobs", type=int, default=1, help="runs of one wave trained at once, as separate processes")
+    q.add_argument("--jobs", type=int, default=2, help="runs of one wave trained at once, as separate processes "
+                   "(each with the config's train.threads)")
     q.add_argument("--dry-run", action="store_true", help="print each run's tokens and expected seconds, train nothing")
     q.add_argument("--tokens-per-s", type=float, default=150000.0, help="--dry-run: training tokens per second assumed")
     q.add_argument("--peak-tflops", type=float, default=989.0, help="--dry-run: the accelerator's peak (for the MFU "

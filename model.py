@@ -380,9 +380,12 @@ class GPT(nn.Module):
         ours = self.new_rows if self.new_head_rows is None else self.new_head_rows
         return ours if start else torch.cat([w, ours])   # all rows: a copy per call, as big as the head
 
-    def logits(self, x):
-        """x [.., d] -> logits [.., V - head_start]."""
-        return F.linear(x, self.head_rows())
+    def logits(self, x, every_token: bool = False):
+        """x [.., d] -> logits [.., V - head_start] (every_token: [.., V], as head_rows)."""
+        if every_token and self.new_rows is not None:   # the text rows' and ours apart: no [V, d] copy
+            ours = self.new_rows if self.new_head_rows is None else self.new_head_rows
+            return torch.cat([F.linear(x, self.lm_head.weight), F.linear(x, ours)], -1)
+        return F.linear(x, self.head_rows(every_token))
 
     def forward(self, ids, key_mask=None, positions=None, cache=None, last: bool = False, where=None):
         """ids [N, T] -> logits [N, T, V'] over the head's tokens (index j: token head_start + j).

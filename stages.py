@@ -101,7 +101,7 @@ def text_loss(model, ids, loss_mask):
     the alignment texts predict text tokens, which a head over our tokens only (model.head=new) cannot."""
     sel = loss_mask[:, 1:]                                  # position i predicts ids[:, i + 1]
     h = model.hidden(ids[:, :-1])[sel]                      # [n_supervised, d]
-    return F.cross_entropy(F.linear(h, model.head_rows(every_token=True)).float(), ids[:, 1:][sel])
+    return F.cross_entropy(model.logits(h, every_token=True).float(), ids[:, 1:][sel])
 
 
 def pause_row(model, tok) -> tuple[torch.nn.Parameter, int]:

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from test_gpt2 import write_tokenizer  # noqa: E402
@@ -309,8 +310,15 @@ def test_bench_pauserec_end_to_end(tmp_path, llama, capsys):
     assert names[:2] == ["MostPop", "Markov"]
     for want in ("alignment", "pause pre-training", "aligned: plain SFT", "aligned: pause SFT (k=3)",
                  "aligned: CoT SFT", "not aligned: plain SFT", "not aligned: pause SFT (k=3)", "not aligned: CoT SFT",
-                 "backbone as loaded"):
+                 "backbone as loaded", "scratch decoder: plain"):
         assert want in names, names
+    scratch = yaml.safe_load((tmp_path / "bench" / "scratch_seed0" / "config.yaml").read_text())
+    assert scratch["model"]["backbone"] == "scratch" and scratch["data"]["num_users"] == 120
+    for r in result["rows"]:   # the alignment check on every pretrained model, none on the scratch decoder
+        probed = r["system"] not in ("MostPop", "Markov", "scratch decoder: plain")
+        assert ("title_to_sid_top1" in r) == probed, r["system"]
+        if probed:
+            assert 0 <= r["title_to_sid_top1"] <= 1 and 0 <= r["sid_to_title_first"] <= 1
     for run in plan["runs"]:   # the dry run counts the tokens each run trains on
         metrics = json.loads((tmp_path / "bench" / run["run"] / "metrics.json").read_text())
         assert metrics["train_tokens"] == run["train_tokens"], run["run"]
