@@ -677,7 +677,7 @@ def pipeline_plan(runs, tokens_per_s: float, peak_tflops: float, jobs: int = 1) 
     expected: the data loading measured here, plus the tokens at tokens_per_s (evaluation tokens at 3x that rate: a
     forward pass is a third of a training step). Loading the weights is not counted."""
     import train
-    loaded, out = {}, []
+    loaded, out, backbone = {}, [], None
     for name, slug, wave, run_args in runs:
         cfg = run_config(run_args)
         tcfg, mcfg = cfg["train"], cfg["model"]
@@ -695,7 +695,8 @@ def pipeline_plan(runs, tokens_per_s: float, peak_tflops: float, jobs: int = 1) 
         plan.update(plan_training(cfg, ds, tok) if tcfg.task == "rec" else plan_stage(cfg, ds, tok))
         plan["expected_s"] = round(load_s + (plan["train_tokens"] + plan["eval_tokens"] / 3) / tokens_per_s, 1)
         out.append(plan)
-    flops = 6 * model_size(cfg, tok)   # FLOPs of a training token, roughly (weights only, head over ours)
+        backbone = backbone or (cfg, tok)   # the first run's model (the alignment's): not the scratch rows'
+    flops = 6 * model_size(*backbone)   # FLOPs of a training token, roughly (weights only, head over ours)
     return {"tokens_per_s": tokens_per_s, "runs": out, "expected_s": round(sum(p["expected_s"] for p in out), 1),
             "jobs": jobs, "expected_s_jobs": round(waves_seconds(out, jobs), 1), "train_flops_per_token": flops,
             "implied_mfu": round(flops * tokens_per_s / (peak_tflops * 1e12), 3), "peak_tflops": peak_tflops}

@@ -319,6 +319,10 @@ def test_bench_pauserec_end_to_end(tmp_path, llama, capsys):
         assert ("title_to_sid_top1" in r) == probed, r["system"]
         if probed:
             assert 0 <= r["title_to_sid_top1"] <= 1 and 0 <= r["sid_to_title_first"] <= 1
+    align = bench.run_config(bench.pipeline_runs(config, over, tmp_path / "bench", 1)[0][3])
+    codes, _, _ = sid.load_sids(tmp_path / "bench" / "align" / "sids.pt")
+    tok = bb.make_tokens(align["model"], codes, (), data.load_dataset(align["data"]).item_meta)
+    assert plan["train_flops_per_token"] == 6 * bench.model_size(align, tok)   # the backbone's, not the scratch rows'
     for run in plan["runs"]:   # the dry run counts the tokens each run trains on
         metrics = json.loads((tmp_path / "bench" / run["run"] / "metrics.json").read_text())
         assert metrics["train_tokens"] == run["train_tokens"], run["run"]
