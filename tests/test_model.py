@@ -89,7 +89,9 @@ def test_config_validation():
                       (dict(n_kv_head=3), r"model.n_head \(4\) must divide by model.n_kv_head \(3\)"),
                       (dict(pos="rope", head_dim=7), "even head width"), (dict(d_ff=-1), "model.d_ff"),
                       (dict(norm_eps=0.0), "model.norm_eps"),
-                      (dict(keep_layers=1), "need a pretrained model.backbone")):
+                      (dict(keep_layers=1), "model.keep_layers=1 needs a pretrained model.backbone"),
+                      (dict(sid_init="words"), r"model.sid_init must be mean \| text"),
+                      (dict(sid_init_words=0), "model.sid_init_words must be >= 1")):
         with pytest.raises(ValueError, match=match):
             md.ModelConfig(**kw)
     md.ModelConfig(d_model=30, n_head=4, head_dim=8)   # head_dim set: d_model need not divide
