@@ -137,7 +137,8 @@ def test_bench_finetune_rows_counts_and_flops(tmp_path):
     from test_mapping import write_llama
     C, V, n_head, n_kv, ff = 32, 40, 4, 2, 48
     write_llama(tmp_path / "llama", "LlamaForCausalLM", V=V, C=C, n_head=n_head, n_kv=n_kv, ff=ff, tie=True)
-    overrides = [f"model.hf_dir={tmp_path / 'llama'}", "model.max_len=64", f"train.sid_cache={tmp_path / 'sids'}"]
+    overrides = [f"model.hf_dir={tmp_path / 'llama'}", "model.max_len=64", f"train.sid_cache={tmp_path / 'sids'}",
+                 "model.sid_init=mean"]   # the folder has no tokenizer (sid_init=text reads the titles)
     out = bench.main(["finetune", str(ROOT / "configs" / "demo_smollm2.yaml"), "--depths", "1,2", "--steps", "2",
                       "--threads", "1", *overrides])
     settings = [name for name, _ in bench.FINETUNE_SETTINGS]
