@@ -185,3 +185,17 @@ def test_the_recipe_learns_what_one_learning_rate_does_not(tmp_path, llama):
 
 
 MARGIN = 0.058   # test N@10 of the recipe minus one lr, measured once (.1247 - .0668)
+
+
+def test_a_checkpoint_with_all_rows_in_one_table_loads_split(llama):
+    """Runs from before our rows lived apart saved wte (and the tied lm_head) as one [V, d] table: it loads into
+    the text rows and new_rows."""
+    tok, model = tiny_model(llama, sid_init="text")
+    state = model.state_dict()
+    rows = model.input_rows().detach().clone()                     # [V, d]
+    old = {k: v for k, v in state.items() if k != "new_rows"}
+    old["transformer.wte.weight"] = old["lm_head.weight"] = rows
+    _, fresh = tiny_model(llama)                                    # our rows at the mean: they must be replaced
+    fresh.load_state_dict(old)
+    assert torch.equal(fresh.input_rows(), rows) and torch.equal(fresh.new_rows, model.new_rows)
+    assert fresh.lm_head.weight is fresh.transformer.wte.weight
