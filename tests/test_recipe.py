@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_gpt2 import write_tokenizer
 from test_mapping import write_llama
-from test_train import tiny_args
+from test_train import killed_at_first_checkpoint, tiny_args
 
 import backbones as bb
 import bpe
@@ -122,15 +122,7 @@ def test_the_switch_survives_a_resume(tmp_path, llama, monkeypatch):
     uninterrupted run: the backbone joins at the same step, with the same schedule."""
     args = recipe_args(tmp_path, llama, "train.epochs=2", "train.frozen_epochs=1", "train.backbone_lr_ratio=0.1")
     train.main(args + ["train.name=full"])
-    save = train.checkpoint
-
-    def killed(run):
-        save(run)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(train, "checkpoint", killed)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(args + ["train.name=cut"])
-    monkeypatch.setattr(train, "checkpoint", save)
+    killed_at_first_checkpoint(monkeypatch, args + ["train.name=cut"])
     cut = tmp_path / "runs" / "cut"
     spe = json.loads((tmp_path / "runs" / "full" / "metrics.json").read_text())["steps_per_epoch"]
     assert torch.load(cut / "last.pt", weights_only=False)["step"] == spe

@@ -14,7 +14,7 @@ import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from test_gpt2 import write_tokenizer  # noqa: E402
-from test_train import tiny_args  # noqa: E402
+from test_train import killed_at_first_checkpoint, tiny_args  # noqa: E402
 
 import backbones as bb  # noqa: E402
 import bench  # noqa: E402
@@ -182,15 +182,7 @@ def test_a_stage_resumes_from_its_last_epoch(tmp_path, llama, monkeypatch):
     align = stage(tmp_path, llama, "align")
     full = stage(tmp_path, llama, "pause_pretrain", f"model.init_from={align}")
     args = llama_args(tmp_path, llama, "train.task=pause_pretrain", "train.name=cut", f"model.init_from={align}")
-    save = train.checkpoint
-
-    def killed(run):
-        save(run)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(train, "checkpoint", killed)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(args)
-    monkeypatch.setattr(train, "checkpoint", save)
+    killed_at_first_checkpoint(monkeypatch, args)
     cut = tmp_path / "runs" / "cut"
     assert not (cut / "model.pt").exists()
     assert torch.load(cut / "last.pt", weights_only=False)["step"] == json.loads(

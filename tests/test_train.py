@@ -28,6 +28,19 @@ def tiny_args(tmp_path, *extra):
             f"train.sid_cache={tmp_path / 'sids'}", *extra]
 
 
+def killed_at_first_checkpoint(monkeypatch, args):
+    """train.main(args) stopped (KeyboardInterrupt) right after it writes its first last.pt."""
+    save = train.checkpoint
+
+    def killed(run):
+        save(run)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "checkpoint", killed)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(args)
+    monkeypatch.setattr(train, "checkpoint", save)
+
+
 def write(tmp_path, text):
     path = tmp_path / "c.yaml"
     path.write_text(text)
