@@ -871,7 +871,8 @@ def print_pipeline(rows, time_users: int):
 def bench_pauserec(args, overrides):
     import train
     check_counts(args, "pauserec")
-    out_dir = Path(args.out or f"runs/pauserec_{Path(args.config).stem}")
+    args.out = args.out or f"runs/pauserec_{Path(args.config).stem}"   # train_modes writes --jobs logs there too
+    out_dir = Path(args.out)
     runs = pipeline_runs(args.config, overrides, out_dir, args.seeds)
     for run in runs:    # refuse bad settings before anything is built or trained
         run_config(run[3])

@@ -326,3 +326,18 @@ def test_bench_pauserec_end_to_end(tmp_path, llama, capsys):
     again = bench.main(["pauserec", config, "--out", out, "--time-users", "8", "--probe-items", "20", *over])
     assert "reusing the finished run" in capsys.readouterr().out
     assert [r["test"] for r in again["rows"][:2]] == [r["test"] for r in result["rows"][:2]]
+
+
+def test_bench_pauserec_without_out_keeps_the_run_logs_in_its_folder(tmp_path, llama, monkeypatch):
+    """Without --out the runs, and the logs of the runs trained side by side (--jobs), go to
+    runs/pauserec_<config stem>, not to the working directory."""
+    monkeypatch.chdir(tmp_path)
+    seen = {}
+
+    def stop(args, runs):
+        seen["out"] = args.out
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bench, "train_modes", stop)
+    with pytest.raises(KeyboardInterrupt):
+        bench.main(["pauserec", tiny_args(tmp_path)[0], *llama_args(tmp_path, llama)[1:]])
+    assert seen["out"] == "runs/pauserec_demo"
