@@ -77,7 +77,8 @@ class ModelConfig:
     train_text_rows: bool = False  # pretrained: its text vocabulary's rows train too (a dense update of every row
                                    #   at every step); false: frozen, only our rows and the blocks learn
     sid_init: str = "mean"         # pretrained: our SID rows start at mean: the mean text row | text: the mean row
-                                   #   of the words most typical (tf-idf) of the titles of the items with that code
+                                   #   of the words most typical (tf-idf) of the titles and categories of the items
+                                   #   with that code (backbones.sid_keywords)
     sid_init_words: int = 8        # sid_init text: words pooled per SID code
     init_from: str = ""            # a run folder whose model.pt starts training (stages.load_init: same SIDs, shapes)
 
