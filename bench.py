@@ -935,7 +935,7 @@ def matmul_weights(model) -> tuple[int, int]:
     if model.new_rows is None:
         mats.append((head[model.head_start:].numel(), head.requires_grad))
     else:
-        ours = model.new_rows if model.new_head_rows is None else model.new_head_rows
+        ours = model.new_output_rows
         mats.append((ours.numel(), ours.requires_grad))
         if not model.head_start:   # head=full: the text rows too
             mats.append((head.numel(), head.requires_grad))

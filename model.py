@@ -371,6 +371,11 @@ class GPT(nn.Module):
         w = self.transformer.wte.weight
         return w if self.new_rows is None else torch.cat([w, self.new_rows])
 
+    @property
+    def new_output_rows(self):
+        """Our tokens' output rows [V - base, d] on a pretrained backbone: new_head_rows, or new_rows (tied head)."""
+        return self.new_rows if self.new_head_rows is None else self.new_head_rows
+
     def head_rows(self, every_token: bool = False):
         """Output rows [V - head_start, d]: all tokens' (head full) or ours only (head new, ids >= base);
         every_token: all V rows whatever the head (the stages' text loss predicts text tokens)."""
@@ -378,14 +383,13 @@ class GPT(nn.Module):
         w = self.lm_head.weight                      # [V, d] from scratch, [base, d] pretrained (ours apart)
         if self.new_rows is None:
             return w[start:]
-        ours = self.new_rows if self.new_head_rows is None else self.new_head_rows
+        ours = self.new_output_rows
         return ours if start else torch.cat([w, ours])   # all rows: a copy per call, as big as the head
 
     def logits(self, x, every_token: bool = False):
         """x [.., d] -> logits [.., V - head_start] (every_token: [.., V], as head_rows)."""
         if every_token and self.new_rows is not None:   # the text rows' and ours apart: no [V, d] copy
-            ours = self.new_rows if self.new_head_rows is None else self.new_head_rows
-            return torch.cat([F.linear(x, self.lm_head.weight), F.linear(x, ours)], -1)
+            return torch.cat([F.linear(x, self.lm_head.weight), F.linear(x, self.new_output_rows)], -1)
         return F.linear(x, self.head_rows(every_token))
 
     def forward(self, ids, key_mask=None, positions=None, cache=None, last: bool = False, where=None):

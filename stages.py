@@ -105,9 +105,8 @@ def text_loss(model, ids, loss_mask):
 
 
 def pause_row(model, tok) -> tuple[torch.nn.Parameter, int]:
-    """(the parameter holding the <pause> input row, its row index)."""
-    if model.new_rows is None:
-        return model.transformer.wte.weight, tok.PAUSE
+    """(the parameter holding the <pause> input row, its row index): our rows, apart from the text rows (the stages
+    run on pretrained backbones only)."""
     return model.new_rows, tok.PAUSE - tok.base
 
 

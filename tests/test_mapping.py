@@ -48,10 +48,11 @@ def test_gpt2_weights_equal_the_raw_tensors_conv1d_transposed(tmp_path, prefix, 
     assert {n for n in ours if n not in ("lm_head.weight", "new_rows")} == checked   # every weight came from the file
 
 
-def write_llama(folder, arch, V=40, C=32, n_head=4, n_kv=2, head_dim=0, ff=48, n_layer=2, bias=False, tie=False):
+def write_llama(folder, arch, V=40, C=32, n_head=4, n_kv=2, head_dim=0, ff=48, n_layer=2, bias=False, tie=False,
+                max_positions=64):
     """A random Llama-family checkpoint in Hugging Face names (model.safetensors, config.json), written by hand
     -> {name: tensor} as written."""
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(0)
     r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
     Dh = head_dim or C // n_head
@@ -73,7 +74,8 @@ def write_llama(folder, arch, V=40, C=32, n_head=4, n_kv=2, head_dim=0, ff=48, n
     gguf_to_hf.write_safetensors(folder / "model.safetensors", sd)
     config = {"architectures": [arch], "vocab_size": V, "hidden_size": C, "intermediate_size": ff,
               "num_hidden_layers": n_layer, "num_attention_heads": n_head, "num_key_value_heads": n_kv,
-              "max_position_embeddings": 64, "tie_word_embeddings": tie, "attention_bias": bias, "mlp_bias": bias}
+              "max_position_embeddings": max_positions, "tie_word_embeddings": tie, "attention_bias": bias,
+              "mlp_bias": bias}
     if head_dim:
         config["head_dim"] = head_dim
     (folder / "config.json").write_text(json.dumps(config))

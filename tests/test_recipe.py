@@ -22,13 +22,8 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
     """A random tied 2-block Llama over the test tokenizer's vocabulary (vocab.json + merges.txt)."""
-    folder = tmp_path_factory.mktemp("recipe") / "llama"
-    V = write_tokenizer(folder.parent)          # the vocabulary size first: the weights need it
-    write_llama(folder, "LlamaForCausalLM", V=V, C=32, tie=True)
-    for name in ("vocab.json", "merges.txt"):
-        (folder / name).write_text((folder.parent / name).read_text(encoding="utf-8"), encoding="utf-8")
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps(dict(config, max_position_embeddings=128)))
+    folder = tmp_path_factory.mktemp("llama")
+    write_llama(folder, "LlamaForCausalLM", V=write_tokenizer(folder), C=32, tie=True, max_positions=128)
     return str(folder)
 
 
