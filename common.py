@@ -1,5 +1,5 @@
 """Plumbing shared by every script: typed config files, --help from field comments, one-line user errors,
-downloads and atomic saves. Imports no project module.
+downloads and atomic saves, run folders' settings and RNG state. Imports no project module.
 
     cfg = common.load_config("configs/demo.yaml", ["model.num_pauses=4"], {"model": ModelConfig, ...})
     parser = common.Parser(__doc__, SECTIONS)        # argparse: --help lists every key; errors are user errors
@@ -14,6 +14,7 @@ import inspect
 import io
 import json
 import os
+import random
 import re
 import sys
 import tempfile
@@ -22,6 +23,7 @@ import typing
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 from tqdm import tqdm
@@ -157,6 +159,59 @@ def load_config(path, overrides=(), sections=None, ignore=()):
                 raise ValueError(blame(name, str(e))) from None
         config[section] = cls(**checked)
     return config
+
+
+# ----------------------------------------------------------------------------------------------
+# Run folders: a saved config.yaml against a new or resumed run's settings; the RNG state that last.pt keeps
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def changed_settings(saved: dict, resolved: dict, sections=("data", "sid", "model"), ignore=()) -> list[str]:
+    """'section.key: old -> new' for every setting of `sections` that differs from a saved config.yaml.
+    Where files live (data.dir, model.hf_dir, *_url, data.download) may change; keys new since, and the
+    'section.key' names in `ignore`, are skipped."""
+    return [f"{s}.{k}: {saved[s][k]!r} -> {v!r}" for s in sections for k, v in resolved[s].items()
+            if k in saved.get(s, {}) and saved[s][k] != v and f"{s}.{k}" not in ignore
+            and not (k in ("dir", "download") or k.endswith(("_dir", "_url")))]
+
+
+# Settings that name a run or say what runs it: a run moved to another machine is the same run
+# (bench.py and paper.py reuse it).
+RUN_KEYS = ("train.name", "train.out_dir", "train.sid_cache", "train.device", "train.threads", "train.resume")
+# What a resumed run may change besides: how often it logs, the evaluation batch. Anything else (the schedule:
+# epochs, batch_size, lr, ..; the seed; eval.select, ks, every) would break the epoch arithmetic of last.pt's step,
+# or compare its `best` with another metric.
+RESUME_MAY_CHANGE = RUN_KEYS + ("train.log_every", "eval.batch_size")
+
+
+def check_resume(run_dir: Path, resolved: dict):
+    """last.pt continues only the run it was saved by: name every setting that changed (RESUME_MAY_CHANGE aside)."""
+    changed = changed_settings(yaml.safe_load((run_dir / "config.yaml").read_text()), resolved,
+                               ("data", "sid", "model", "eval", "train"), RESUME_MAY_CHANGE)
+    if changed:
+        raise ValueError(f"{run_dir / 'last.pt'} comes from another config ({'; '.join(changed)}): resume with "
+                         f"the saved settings, or start a new run with train.name=<other>")
+
+
+def check_run_dir(run_dir: Path, resume: bool, resolved: dict):
+    """A new run needs a folder without a run in it; a resumed one needs last.pt of the same settings."""
+    last_path = run_dir / "last.pt"
+    if resume and not last_path.is_file():
+        raise FileNotFoundError(f"train.resume=true but {last_path} does not exist: drop train.resume=true "
+                                f"to start the run, or pass the train.name of the run to continue")
+    if not resume and last_path.is_file():
+        raise FileExistsError(f"{run_dir} holds a run already: pass train.resume=true to continue it, "
+                              f"or train.name=<other> to start a new one")
+    if resume:
+        check_resume(run_dir, resolved)
 
 
 # ----------------------------------------------------------------------------------------------

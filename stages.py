@@ -10,7 +10,7 @@
   model.init_from=RUN_DIR    a run starts from RUN_DIR/model.pt (same SID table and shapes), so stages chain:
                              align -> plain SFT; align -> pause_pretrain -> pause SFT; align -> CoT SFT
 
-train.py runs the stages through its epoch loop (no validation, no test) and the SFTs; bench.py pauserec runs the
+train.py runs the stages through its epoch loop (no validation, no test) and the SFTs; paper.py runs the
 whole comparison.
 """
 

@@ -184,42 +184,6 @@ def lr_at(step, total, cfg: TrainConfig):
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def rng_state():
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-
-
-def changed_settings(saved: dict, resolved: dict, sections=("data", "sid", "model"), ignore=()) -> list[str]:
-    """'section.key: old -> new' for every setting of `sections` that differs from a saved config.yaml.
-    Where files live (data.dir, model.hf_dir, *_url, data.download) may change; keys new since, and the
-    'section.key' names in `ignore`, are skipped."""
-    return [f"{s}.{k}: {saved[s][k]!r} -> {v!r}" for s in sections for k, v in resolved[s].items()
-            if k in saved.get(s, {}) and saved[s][k] != v and f"{s}.{k}" not in ignore
-            and not (k in ("dir", "download") or k.endswith(("_dir", "_url")))]
-
-
-# Settings that name a run or say what runs it: a run moved to another machine is the same run (bench.py reuses it).
-RUN_KEYS = ("train.name", "train.out_dir", "train.sid_cache", "train.device", "train.threads", "train.resume")
-# What a resumed run may change besides: how often it logs, the evaluation batch. Anything else (the schedule:
-# epochs, batch_size, lr, ..; the seed; eval.select, ks, every) would break the epoch arithmetic of last.pt's step,
-# or compare its `best` with another metric.
-RESUME_MAY_CHANGE = RUN_KEYS + ("train.log_every", "eval.batch_size")
-
-
-def check_resume(run_dir: Path, resolved: dict):
-    """last.pt continues only the run it was saved by: name every setting that changed (RESUME_MAY_CHANGE aside)."""
-    changed = changed_settings(yaml.safe_load((run_dir / "config.yaml").read_text()), resolved,
-                               ("data", "sid", "model", "eval", "train"), RESUME_MAY_CHANGE)
-    if changed:
-        raise ValueError(f"{run_dir / 'last.pt'} comes from another config ({'; '.join(changed)}): resume with "
-                         f"the saved settings, or start a new run with train.name=<other>")
-
-
 # ----------------------------------------------------------------------------------------------
 # Distributed data parallel: `torchrun --nproc_per_node=N train.py ...` runs this script N times.
 # Every rank holds all data and the same model; each step splits the batch across ranks, DDP averages
@@ -261,23 +225,6 @@ def shard(rows, examples, rank, world):
         return rows[:1], 0.0
     supervised = [sum(examples[i][1][1:]) for i in rows]   # loss_mask[1:]: the tokens the loss averages
     return rows[rank::world], world * sum(supervised[rank::world]) / sum(supervised)
-
-
-# ----------------------------------------------------------------------------------------------
-
-def check_run_dir(run_dir: Path, resume: bool, resolved: dict):
-    """A new run needs a folder without a run in it; a resumed one needs last.pt of the same settings."""
-    last_path = run_dir / "last.pt"
-    if resume and not last_path.is_file():
-        raise FileNotFoundError(f"train.resume=true but {last_path} does not exist: drop train.resume=true "
-                                f"to start the run, or pass the train.name of the run to continue")
-    if not resume and last_path.is_file():
-        raise FileExistsError(f"{run_dir} holds a run already: pass train.resume=true to continue it, "
-                              f"or train.name=<other> to start a new one")
-    if resume:
-        check_resume(run_dir, resolved)
-
-
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,7 +270,7 @@ def setup(argv) -> Run:
         raise ValueError(f"train.task={run.tcfg.task} runs in one process: start it with python, not torchrun")
     if run.world > 1 and run.tcfg.frozen_epochs:   # DDP fixes the parameters it reduces when it wraps the model
         raise ValueError("train.frozen_epochs runs in one process: start it with python, not torchrun")
-    check_run_dir(run_dir, run.tcfg.resume, run.resolved)
+    common.check_run_dir(run_dir, run.tcfg.resume, run.resolved)
     t0 = time.time()
     run.ds = data.load_dataset(cfg["data"])   # a missing file, malformed line or failed download ends here
     seconds = time.time() - t0
@@ -376,7 +323,7 @@ def resume_from_last(run: Run):
     run.refit_step = state.get("refit_step", 0)
     run.train_seconds, run.train_tokens = state["train_seconds"], state["train_tokens"]
     ranks = state.get("rng_ranks") or []
-    set_rng_state(ranks[run.rank] if len(ranks) == run.world else state["rng"])
+    common.set_rng_state(ranks[run.rank] if len(ranks) == run.world else state["rng"])
     run.stop = bool(run.tcfg.patience and run.bad_evals >= run.tcfg.patience)   # it had stopped early
     if run.stop:
         print(f"{last}: the run stopped early at step {run.step}; no more main-phase training")
@@ -434,14 +381,14 @@ def build(run: Run):
 
 def checkpoint(run: Run):
     """last.pt: model, optimizer, counters and every rank's RNG state (a resumed DDP run replays them all)."""
-    rngs = [rng_state()] * run.world
+    rngs = [common.rng_state()] * run.world
     if run.world > 1:
-        dist.all_gather_object(rngs, rng_state())
+        dist.all_gather_object(rngs, common.rng_state())
     if run.rank == 0:
         common.atomic_save({"model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
                             "step": run.step, "refit_step": run.refit_step, "best": run.best,
                             "bad_evals": run.bad_evals, "train_seconds": run.train_seconds,
-                            "train_tokens": run.train_tokens, "rng": rng_state(), "rng_ranks": rngs},
+                            "train_tokens": run.train_tokens, "rng": common.rng_state(), "rng_ranks": rngs},
                            run.run_dir / "last.pt")
 
 

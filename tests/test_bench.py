@@ -5,6 +5,7 @@ import pytest
 import yaml
 
 import bench
+import sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,10 +75,10 @@ def test_bench_reasoning_quick(tmp_path):
     assert (tmp_path / "b" / "reasoning.json").is_file()
     # a finished mode is reused by a later bench of the same settings, and refused for other settings
     name, slug, run_args = bench.mode_runs(config, bench.QUICK + overrides, tmp_path / "b")[2]
-    assert bench.finished(tmp_path / "b" / slug, run_args)
-    assert bench.finished(tmp_path / "b" / slug, run_args + ["train.threads=2", "data.dir=elsewhere"])
+    assert sweep.finished(tmp_path / "b" / slug, run_args)
+    assert sweep.finished(tmp_path / "b" / slug, run_args + ["train.threads=2", "data.dir=elsewhere"])
     with pytest.raises(ValueError, match="model.num_pauses"):
-        bench.finished(tmp_path / "b" / slug, run_args + ["model.num_pauses=3"])
+        sweep.finished(tmp_path / "b" / slug, run_args + ["model.num_pauses=3"])
 
 
 def test_bench_seeds_mean_std(tmp_path, capsys):

@@ -51,6 +51,7 @@ def tiny(tmp_path_factory):
     ("evaluate.py", ["eval.beam_size", "model.num_pauses", "data.dir"]),
     ("sid.py", ["sid.codebook_size", "data.dir"]),
     ("bench.py", ["train.epochs", "model.num_pauses"]),
+    ("paper.py", ["train.epochs", "model.num_pauses", "train.align_epochs"]),
 ])
 def test_help_lists_every_key_with_default_and_meaning(script, keys):
     r = cli(script, "--help")

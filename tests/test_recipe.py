@@ -127,6 +127,42 @@ def test_the_switch_survives_a_resume(tmp_path, llama, monkeypatch):
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
+def test_the_alignment_stage_keeps_the_text_rows_bit_identical(tmp_path, llama):
+    """The alignment texts read the text rows (SFT prompts of SIDs never do, so only a stage can show it): with
+    model.train_text_rows false they end bit-identical and AdamW holds no state of their shape, while the blocks
+    and our rows moved."""
+    start = pretrained_state(llama)
+    train.main(recipe_args(tmp_path, llama, "train.task=align", "train.align_epochs=1", "train.align_lr=1e-2",
+                           "train.backbone_lr_ratio=0.1"))
+    last = torch.load(tmp_path / "runs" / "demo" / "last.pt", weights_only=False)
+    state, text_rows = last["model"], start["transformer.wte.weight"]
+    assert torch.equal(state["transformer.wte.weight"], text_rows)
+    assert torch.equal(state["lm_head.weight"], start["lm_head.weight"])
+    assert not torch.equal(state["new_rows"], start["new_rows"])
+    assert not torch.equal(state["transformer.h.0.mlp.c_fc.weight"], start["transformer.h.0.mlp.c_fc.weight"])
+    shapes = [s["exp_avg"].shape for s in last["optimizer"]["state"].values()]
+    assert shapes and text_rows.shape not in shapes
+
+
+def test_the_backbone_trains_from_the_first_step_its_lr_is_above_zero(tmp_path, llama, monkeypatch):
+    """train.frozen_epochs: every logged step with backbone lr 0 leaves the blocks as they were, and the first step
+    whose logged backbone lr is above 0 changes them (the switch is not one step late)."""
+    moved, step = {}, train.train_step
+
+    def watched(run, phase, rows, epoch):   # did this step change the first block?
+        before = run.model.transformer.h[0].attn.c_attn.weight.detach().clone()
+        step(run, phase, rows, epoch)
+        moved[run.step] = not torch.equal(before, run.model.transformer.h[0].attn.c_attn.weight)
+    monkeypatch.setattr(train, "train_step", watched)
+    train.main(recipe_args(tmp_path, llama, "train.epochs=2", "train.frozen_epochs=1", "train.backbone_lr_ratio=0.1",
+                           "train.warmup_steps=2"))
+    records = [json.loads(line) for line in (tmp_path / "runs" / "demo" / "log.jsonl").read_text().splitlines()]
+    lrs = {r["step"]: r["backbone_lr"] for r in records if "loss" in r}
+    first = min(s for s, lr in lrs.items() if lr > 0)
+    assert moved[first], f"step {first} has backbone lr {lrs[first]} but left the blocks unchanged"
+    assert not any(moved[s] for s, lr in lrs.items() if lr == 0)
+
+
 # ----------------------------------------------------------------------------------------------- SID rows from text
 
 

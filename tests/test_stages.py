@@ -1,4 +1,4 @@
-"""Tests of the paper's pipeline (stages.py, train.task, model.init_from, layout last, think_pauses, bench.py pauserec)
+"""Tests of the paper's pipeline (stages.py, train.task, model.init_from, layout last, think_pauses, paper.py)
 on a tiny random Llama written in the Hugging Face layout by the tests themselves (no `transformers` needed), with a
 GPT-2-style tokenizer, and the demo catalogue."""
 
@@ -7,6 +7,7 @@ import os
 import random
 import re
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,14 +18,15 @@ from test_gpt2 import write_tokenizer  # noqa: E402
 from test_train import killed_at_first_checkpoint, tiny_args  # noqa: E402
 
 import backbones as bb  # noqa: E402
-import bench  # noqa: E402
 import bpe  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
 import gguf_to_hf  # noqa: E402
+import paper  # noqa: E402
 import pauserec as pr  # noqa: E402
 import sid  # noqa: E402
 import stages  # noqa: E402
+import sweep  # noqa: E402
 import train  # noqa: E402
 from model import ModelConfig  # noqa: E402
 
@@ -285,17 +287,20 @@ def test_init_from_loads_a_stage_and_a_mismatch_is_a_one_line_error(tmp_path, ll
         train.main(llama_args(tmp_path, llama, f"model.init_from={align}", "model.keep_layers=1", "train.name=x"))
 
 
-# ----------------------------------------------------------------------------------------------- bench.py pauserec
+# ----------------------------------------------------------------------------------------------- paper.py
 
 
-def test_bench_pauserec_end_to_end(tmp_path, llama, capsys):
-    """The whole comparison on the tiny Llama: the dry run's token counts are those the runs then train on; the
-    table has every row; a second bench reuses every finished stage."""
+def test_paper_pipeline_end_to_end(tmp_path, llama, capsys):
+    """The whole comparison on the tiny Llama: the dry run's token counts are those the runs then train on, and its
+    rates are measured for every run; the table has every row; every pause seed is tested with its pauses knocked
+    out; a second pipeline reuses every finished stage and ablation."""
     config = tiny_args(tmp_path)[0]
     over = llama_args(tmp_path, llama)[1:] + ["data.num_users=120", "model.num_pauses=3"]
     out = str(tmp_path / "bench")
-    plan = bench.main(["pauserec", config, "--out", out, "--dry-run", "--tokens-per-s", "1000", *over])
-    result = bench.main(["pauserec", config, "--out", out, "--time-users", "8", "--probe-items", "20", *over])
+    plan = paper.main([config, "--out", out, "--dry-run", "--time-steps", "1", *over])
+    assert plan["measured"] and all(p["train_tokens_per_s"] > 0 for p in plan["runs"])
+    assert all(p["eval_users_per_s"] > 0 for p in plan["runs"] if p["eval_users"])
+    result = paper.main([config, "--out", out, "--time-users", "8", "--probe-items", "20", *over])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert json.loads(last)["rows"] == json.loads(json.dumps(result["rows"]))
     names = [r["system"] for r in result["rows"]]
@@ -311,10 +316,10 @@ def test_bench_pauserec_end_to_end(tmp_path, llama, capsys):
         assert ("title_to_sid_top1" in r) == probed, r["system"]
         if probed:
             assert 0 <= r["title_to_sid_top1"] <= 1 and 0 <= r["sid_to_title_first"] <= 1
-    align = bench.run_config(bench.pipeline_runs(config, over, tmp_path / "bench", 1)[0][3])
+    align = sweep.run_config(paper.pipeline_runs(config, over, tmp_path / "bench", 1)[0][3])
     codes, _, _ = sid.load_sids(tmp_path / "bench" / "align" / "sids.pt")
     tok = bb.make_tokens(align["model"], codes, (), data.load_dataset(align["data"]).item_meta)
-    assert plan["train_flops_per_token"] == 6 * bench.model_size(align, tok)   # the backbone's, not the scratch rows'
+    assert plan["train_flops_per_token"] == 6 * paper.model_size(align, tok)   # the backbone's, not the scratch rows'
     for run in plan["runs"]:   # the dry run counts the tokens each run trains on
         metrics = json.loads((tmp_path / "bench" / run["run"] / "metrics.json").read_text())
         assert metrics["train_tokens"] == run["train_tokens"], run["run"]
@@ -323,12 +328,22 @@ def test_bench_pauserec_end_to_end(tmp_path, llama, capsys):
             assert 0 <= r["test"]["ndcg@10"] <= r["test"]["recall@10"] <= 1
             # the latency is a clock reading (rounded to 0.01 ms): only that it is there, not its size, is checked
             assert r["ms_per_user_batch1"] >= 0 and r["users_per_s_batch"] > 0 and r["verbalization_ppl"] > 0
-    again = bench.main(["pauserec", config, "--out", out, "--time-users", "8", "--probe-items", "20", *over])
+    ablated = {r["system"]: r for r in result["ablations"]}
+    assert sorted(ablated) == ["aligned: pause SFT", "not aligned: pause SFT"]
+    for prefix in ("sft", "noalign"):   # the as-trained figure is the run's own test
+        test = json.loads((tmp_path / "bench" / f"{prefix}_pause_seed0" / "metrics.json").read_text())["test"]
+        row = ablated["aligned: pause SFT" if prefix == "sft" else "not aligned: pause SFT"]
+        assert row["as trained"] == [test["ndcg@10"]] and len(row["hide"]) == len(row["shuffle"]) == 1
+        for how in ("hide", "shuffle"):
+            saved = json.loads((tmp_path / "bench" / f"{prefix}_pause_seed0" / f"ablate_{how}.json").read_text())
+            assert row[how] == [saved["test"]["ndcg@10"]]
+    again = paper.main([config, "--out", out, "--time-users", "8", "--probe-items", "20", *over])
     assert "reusing the finished run" in capsys.readouterr().out
+    assert again["ablations"] == result["ablations"]
     assert [r["test"] for r in again["rows"][:2]] == [r["test"] for r in result["rows"][:2]]
 
 
-def test_bench_pauserec_without_out_keeps_the_run_logs_in_its_folder(tmp_path, llama, monkeypatch):
+def test_paper_pipeline_without_out_keeps_the_run_logs_in_its_folder(tmp_path, llama, monkeypatch):
     """Without --out the runs, and the logs of the runs trained side by side (--jobs), go to
     runs/pauserec_<config stem>, not to the working directory."""
     monkeypatch.chdir(tmp_path)
@@ -337,7 +352,41 @@ def test_bench_pauserec_without_out_keeps_the_run_logs_in_its_folder(tmp_path, l
     def stop(args, runs):
         seen["out"] = args.out
         raise KeyboardInterrupt
-    monkeypatch.setattr(bench, "train_modes", stop)
+    monkeypatch.setattr(sweep, "train_runs", stop)
     with pytest.raises(KeyboardInterrupt):
-        bench.main(["pauserec", tiny_args(tmp_path)[0], *llama_args(tmp_path, llama)[1:]])
+        paper.main([tiny_args(tmp_path)[0], *llama_args(tmp_path, llama)[1:]])
     assert seen["out"] == "runs/pauserec_demo"
+
+
+def test_paper_arms_and_cot_seeds_choose_the_runs():
+    """--arms aligned --cot-seeds 0: the stages and the aligned plain and pause SFTs (and the scratch rows), no
+    run from the backbone as loaded, no CoT; an unknown arm is a one-line error."""
+    runs = paper.pipeline_runs("c.yaml", [], Path("o"), seeds=2, cot_seeds=0, arms=paper.parse_arms("aligned"))
+    assert [slug for _, slug, _, _ in runs] == ["align", "pause_pretrain", "sft_plain_seed0", "sft_plain_seed1",
+                                                "sft_pause_seed0", "sft_pause_seed1", "scratch_seed0", "scratch_seed1"]
+    only = paper.pipeline_runs("c.yaml", [], Path("o"), 1, 1, paper.parse_arms("not_aligned"))
+    assert [slug for _, slug, _, _ in only] == ["noalign_plain_seed0", "noalign_pause_seed0", "noalign_cot_seed0",
+                                                "scratch_seed0"]
+    with pytest.raises(ValueError, match="--arms"):
+        paper.parse_arms("aligned,both")
+
+
+def test_a_finished_stage_is_compared_on_what_it_trains():
+    """The alignment is reused whatever the SFTs' schedule or pause pre-training says, but not when its own
+    settings changed (its frozen epochs, the backbone's lr ratio); the pause pre-training likewise."""
+    align, pause = paper.stage_ignored("align"), paper.stage_ignored("pause_pretrain")
+    for key in ("train.epochs", "train.lr", "train.pause_epochs", "train.pause_lr", "model.num_pauses"):
+        assert key in align, key
+    for key in ("train.align_epochs", "train.align_frozen_epochs", "train.backbone_lr_ratio", "train.align_lr"):
+        assert key not in align and key in pause, key
+    for key in ("train.pause_epochs", "train.pause_lr", "train.pause_rate"):
+        assert key not in pause, key
+
+
+def test_the_alignment_checks_baseline_is_another_items_description():
+    """written_matches: a model that writes every item's own first tokens scores 1 on its own and 0 against
+    another item's (all descriptions differ); one that writes the same tokens for every item scores alike on both."""
+    firsts = [[1, 2, 3], [4, 5, 6], [7, 8, 9], [1, 2, 4]]
+    assert paper.written_matches(firsts, firsts) == (1.0, 0.0)
+    assert paper.written_matches([[4, 5, 6]] * 4, firsts) == (0.25, 0.25)
+    assert paper.written_matches(firsts[1:] + firsts[:1], firsts) == (0.0, 1.0)

@@ -1,0 +1,133 @@
+"""Sweeps of train.py runs, shared by bench.py and paper.py: train them side by side, reuse the finished ones, sum
+them up over seeds; and timing in interleaved rounds (the figures of both scripts)."""
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import yaml
+
+import common
+import pauserec
+
+
+def train_runs(args, runs):
+    """Train every run [(name, folder name, train.py arguments)]: one after another in this process (--jobs 1), or
+    as --jobs concurrent `python train.py` processes (many cores, or one GPU that a single small model leaves idle);
+    their logs go to args.out/<folder name>.log."""
+    import train  # the scripts beside train.py drive it; nothing imports them
+    if args.jobs == 1:
+        for _, _, run_args in runs:
+            train.main(run_args)
+        return
+    pending, active = list(runs), []
+    while pending or active:
+        while pending and len(active) < args.jobs:
+            _, slug, run_args = pending.pop(0)
+            log = Path(args.out) / f"{slug}.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            with log.open("w") as out:   # the child holds its own copy of the file
+                proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("train.py")), *run_args],
+                                        stdout=out, stderr=subprocess.STDOUT)
+            active.append((proc, log))
+        time.sleep(1)
+        for proc, log in [a for a in active if a[0].poll() is not None]:
+            active.remove((proc, log))
+            if proc.returncode:
+                sys.exit(f"training failed (exit {proc.returncode}), see {log}")
+            print(f"done: {log}", flush=True)
+
+
+def mean_std(values):
+    """Mean and sample standard deviation (0 for one value), rounded."""
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"mean": round(statistics.fmean(values), 6), "std": round(std, 6)}
+
+
+def over_seeds(metrics):
+    """metrics.json of runs that differ by seed -> {"valid"|"test": {metric: {"mean", "std"}}, "train_seconds": ..}
+    over every ranking metric (recall@K, ndcg@K for each eval.ks) of the valid and test splits."""
+    out = {split: {k: mean_std([m[split][k] for m in metrics]) for k in metrics[0][split] if "@" in k}
+           for split in ("valid", "test")}
+    out["train_seconds"] = mean_std([m["train_seconds"] for m in metrics])
+    return out
+
+
+def run_config(run_args):
+    """The resolved config of a train.py argument list [CONFIG, key=value, ...]."""
+    import train
+    return common.load_config(run_args[0], run_args[1:], train.SECTIONS)
+
+
+def finished(run_dir, run_args, ignore=()):
+    """True when run_dir holds a finished run of these settings (where files live and the device aside):
+    a bench that was interrupted, or whose modes were trained elsewhere (in parallel, on another machine),
+    goes on from there. A run of other settings is an error; `ignore`: more 'section.key' names that may differ."""
+    if not (run_dir / "metrics.json").is_file():
+        return False
+    resolved = {k: asdict(v) for k, v in run_config(run_args).items()}
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    diff = common.changed_settings(saved, resolved, sections=resolved, ignore={*common.RUN_KEYS, *ignore})
+    if diff:
+        raise ValueError(f"{run_dir} holds a run with other settings ({'; '.join(diff)}): "
+                         f"pass another --out")
+    print(f"reusing the finished run {run_dir}")
+    return True
+
+
+def check_counts(args, command):
+    for key in ("jobs", "seeds"):
+        if getattr(args, key) < 1:
+            raise ValueError(f"{command}: --{key} must be >= 1, got {getattr(args, key)}")
+
+
+def interleaved_seconds(fns, reps=3):
+    """Seconds of each call of each fn ([reps] per fn): all warmed up once, then `reps` rounds that call each fn
+    in turn, so a machine that speeds up or slows down over time (clocks, other load) shifts every fn alike."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, t in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - t0)
+    return times
+
+
+def interleaved_medians(fns, reps=3):
+    """Median seconds of each fn, timed in interleaved rounds (interleaved_seconds)."""
+    return [statistics.median(t) for t in interleaved_seconds(fns, reps)]
+
+
+def median_seconds(fn, reps=3):
+    return interleaved_medians([fn], reps)[0]
+
+
+def optimizer_step(model, device, weight_decay, loss_fn=None, amp: bool = False):
+    """step(ids, loss_mask): one training step of model (forward, backward, AdamW) over the parameters that require
+    grad, in train.param_groups' groups as train.py makes them: frozen weights get no gradient and no update.
+    loss_fn(model, ids, loss_mask): pauserec.training_loss unless given (stages.text_loss for a stage); amp: bf16
+    autocast of the forward, as train.amp."""
+    import train
+    loss_fn = loss_fn or pauserec.training_loss
+    model.train()
+    opt = torch.optim.AdamW(train.param_groups(model, weight_decay), lr=1e-4)
+    autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=amp)
+
+    def step(ids, loss_mask):
+        with autocast:
+            loss = loss_fn(model, ids.to(device), loss_mask.to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def synchronize(device):
+    """Wait for the accelerator's queued work, so that a timer around it counts it."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
