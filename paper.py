@@ -547,8 +547,8 @@ def run_pipeline(args, overrides):
     wall = time.time() - t0
     now = sweep.run_config(runs[-1][3])   # this machine's settings (the runs may have been trained elsewhere)
     args.device = train.pick_device(now["train"].device)
-    if now["train"].threads:
-        torch.set_num_threads(now["train"].threads)
+    if now["train"].threads:   # what follows runs alone: on the threads of the --jobs lanes together
+        torch.set_num_threads(now["train"].threads * args.jobs)
     args.where = [f"data.dir={now['data'].dir}"] if now["data"].dir else []
     rows = pipeline_rows(runs, out_dir)
     ablations = ablation_rows(runs, out_dir, args.where, args.device)
