@@ -15,7 +15,6 @@ then the refit model, and model_valid.pt the checkpoint chosen on validation).
 import hashlib
 import json
 import math
-import os
 import random
 import re
 import shutil
@@ -33,6 +32,7 @@ from tqdm import tqdm
 import backbones
 import common
 import data
+import ddp
 import evaluate
 import pauserec
 import rationales
@@ -185,23 +185,7 @@ def lr_at(step, total, cfg: TrainConfig):
 
 
 # ----------------------------------------------------------------------------------------------
-# Distributed data parallel: `torchrun --nproc_per_node=N train.py ...` runs this script N times.
-# Every rank holds all data and the same model; each step splits the batch across ranks, DDP averages
-# the gradients, and rank 0 alone writes files and prints.
-
-def init_distributed(device: str):
-    """(rank, world size, device); a plain `python train.py` (no torchrun environment) is rank 0 of 1."""
-    if "WORLD_SIZE" not in os.environ:
-        return 0, 1, device
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if device.startswith("cuda"):
-        device = pick_device(f"cuda:{os.environ['LOCAL_RANK']}")  # one GPU per process
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if rank:
-        sys.stdout = open(os.devnull, "w")  # silences print and tqdm.write
-    return rank, world, device
-
+# The training forward
 
 class BatchLoss(torch.nn.Module):
     """A batch loss as a forward(): DDP and torch.compile hook forward(), not other functions. loss_fn:
@@ -213,18 +197,6 @@ class BatchLoss(torch.nn.Module):
 
     def forward(self, ids, loss_mask):
         return self.loss_fn(self.model, ids, loss_mask)
-
-
-def shard(rows, examples, rank, world):
-    """This rank's rows of a batch and the weight of their mean loss. DDP averages gradients over ranks,
-    so weighting by world * (the rank's supervised tokens) / (the batch's) makes the step the same as one
-    process taking the whole batch. A rank left without rows (short last batch) takes one at weight 0."""
-    if world == 1:
-        return rows, 1.0
-    if len(rows) <= rank:
-        return rows[:1], 0.0
-    supervised = [sum(examples[i][1][1:]) for i in rows]   # loss_mask[1:]: the tokens the loss averages
-    return rows[rank::world], world * sum(supervised[rank::world]) / sum(supervised)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,7 +237,7 @@ def setup(argv) -> Run:
     """Config, run folder and data checked (a user error is one line before anything is printed), then the
     config printed and the seeds set."""
     cfg, run_dir = parse_args(argv)
-    run = Run(cfg, run_dir, *init_distributed(pick_device(cfg["train"].device)))
+    run = Run(cfg, run_dir, *ddp.init_distributed(pick_device(cfg["train"].device)))
     if run.world > 1 and run.tcfg.task != "rec":
         raise ValueError(f"train.task={run.tcfg.task} runs in one process: start it with python, not torchrun")
     if run.world > 1 and run.tcfg.frozen_epochs:   # DDP fixes the parameters it reduces when it wraps the model
@@ -436,7 +408,7 @@ def train_step(run: Run, phase: Phase, rows, epoch: int):
     for p in run.backbone_params:   # frozen: no gradient computed, AdamW skips them (no state, no decay)
         p.requires_grad_(n - 1 >= phase.frozen_steps)
     run.train_loss.train()
-    mine, weight = shard(rows, phase.examples, run.rank, run.world)   # all rows when world == 1
+    mine, weight = ddp.shard(rows, phase.examples, run.rank, run.world)   # all rows when world == 1
     ids, loss_mask = pauserec.collate([phase.examples[i] for i in mine], run.tok.PAD)
     ids, loss_mask = ids.to(run.device), loss_mask.to(run.device)
     for group in run.optimizer.param_groups:
@@ -454,10 +426,7 @@ def train_step(run: Run, phase: Phase, rows, epoch: int):
     setattr(run, phase.counter, n)
     run.bar.update(1)
     if n % run.tcfg.log_every == 0:
-        if run.world > 1:  # the whole batch's mean loss, as one process would log it
-            loss = (loss * weight).detach()
-            dist.all_reduce(loss)
-            loss /= run.world
+        loss = ddp.batch_loss(loss, weight, run.world)
         rate = run.tokens / (time.time() - run.t_log)
         run.bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:.0f}")
         log(run, {phase.counter: n, "epoch": epoch, "loss": round(loss.item(), 4), "lr": lr,
