@@ -225,14 +225,16 @@ QUICK = ["data.num_users=400", "data.num_items=80", "sid.codebook_size=8", "sid.
          "train.refit_epochs=0"]
 
 
-def training_batches(tok, mcfg, ds, max_history, batch_size, steps):
+def training_batches(tok, mcfg, ds, max_history, batch_size, steps, batch_tokens=0):
     """(batches, tokens): up to `steps` batches [(ids, loss_mask)] of the run's size, built as train.py builds them
-    (its examples, its shuffled length-sorted batches), and each batch's real tokens (padding not counted)."""
+    (its examples, its shuffled length-sorted or token-budgeted batches), and each batch's real tokens (padding not
+    counted). Token-budgeted batches are cut from all the data (their rows vary), others from enough of it."""
     import train
-    ds = ds._replace(sequences=ds.sequences[: 4 * steps * batch_size])   # enough examples for `steps` batches
+    if not batch_tokens:
+        ds = ds._replace(sequences=ds.sequences[: 4 * steps * batch_size])   # enough examples for `steps` batches
     split = data.leave_one_out(ds.sequences, max_history)
     examples = train.training_examples(tok, mcfg, ds, split, max_history, random.Random(0))
-    order = train.batches(examples, batch_size, torch.Generator().manual_seed(0))[:steps]
+    order = train.batches(examples, batch_size, torch.Generator().manual_seed(0), batch_tokens)[:steps]
     return ([pauserec.collate([examples[i] for i in rows], tok.PAD) for rows in order],
             [sum(len(examples[i][0]) for i in rows) for rows in order])
 

@@ -51,6 +51,7 @@ class TrainConfig:
     threads: int = 0             # torch.set_num_threads (0: leave torch's default)
     epochs: int = 40             # the cosine schedule spans all of them
     batch_size: int = 32         # training sequences per step (every_item: whole sequences, ~7 targets each)
+    batch_tokens: int = 0        # > 0: batches of similar-length examples, rows x longest row <= this, not batch_size
     lr: float = 2e-3             # AdamW peak learning rate (after warmup)
     min_lr: float = 1e-5         # cosine decay ends here
     warmup_steps: int = 200      # linear warmup from 0 to lr
@@ -94,7 +95,7 @@ def check_train_config(cfg: TrainConfig, mcfg: ModelConfig):
         if getattr(cfg, key) <= 0:
             raise ValueError(f"train.{key} must be > 0, got {getattr(cfg, key)}")
     for key in ("min_lr", "warmup_steps", "weight_decay", "patience", "threads", "refit_epochs", "backbone_lr_ratio",
-                "frozen_epochs", "align_frozen_epochs"):
+                "frozen_epochs", "align_frozen_epochs", "batch_tokens"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"train.{key} must be >= 0, got {getattr(cfg, key)}")
     if cfg.task not in ("rec", "align", "pause_pretrain"):
@@ -164,9 +165,12 @@ def training_examples(tok, mcfg, ds, split, max_history, rng, refit=False):
             for i, ex in enumerate(targets)]
 
 
-def batches(examples, batch_size, generator):
-    """Shuffled batches of similar length (sorted within chunks of 64 batches): less padding."""
+def batches(examples, batch_size, generator, batch_tokens=0):
+    """Shuffled batches of similar length (sorted within chunks of 64 batches): less padding. batch_tokens > 0:
+    token_batches instead."""
     order = torch.randperm(len(examples), generator=generator).tolist()
+    if batch_tokens:
+        return token_batches(examples, order, batch_tokens, generator)
     chunk = 64 * batch_size
     out = []
     for start in range(0, len(order), chunk):
@@ -174,6 +178,22 @@ def batches(examples, batch_size, generator):
         out += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
     shuffle = torch.randperm(len(out), generator=generator).tolist()
     return [out[i] for i in shuffle]
+
+
+def token_batches(examples, order, batch_tokens, generator):
+    """Batches whose padded size (rows x longest row) is at most batch_tokens, shuffled: all examples sorted by length
+    (ties in the random order), then cut greedily. The lengths in that order are the same in every epoch, so are
+    the cuts: the number of batches is fixed (Phase.steps_per_epoch); equal-length examples mix across epochs."""
+    out, rows = [], []
+    for i in sorted(order, key=lambda i: len(examples[i][0])):   # ascending: example i is its batch's longest
+        if len(examples[i][0]) > batch_tokens:
+            raise ValueError(f"train.batch_tokens={batch_tokens} is below a training example's "
+                             f"{len(examples[i][0])} tokens")
+        if (len(rows) + 1) * len(examples[i][0]) > batch_tokens:
+            out, rows = out + [rows], []
+        rows.append(i)
+    out += [rows] if rows else []
+    return [out[i] for i in torch.randperm(len(out), generator=generator).tolist()]
 
 
 def lr_at(step, total, cfg: TrainConfig):
@@ -380,7 +400,8 @@ class Phase:
         self.refit, self.counter = refit, "refit_step" if refit else "step"
         self.validates = not refit and tcfg.task == "rec"
         self.examples = run.refit_examples if refit else run.examples
-        self.steps_per_epoch = math.ceil(len(self.examples) / tcfg.batch_size)
+        self.steps_per_epoch = len(batches(self.examples, 0, torch.Generator(), tcfg.batch_tokens)) \
+            if tcfg.batch_tokens else math.ceil(len(self.examples) / tcfg.batch_size)   # the same every epoch
         epochs, lr = {"rec": (tcfg.epochs, tcfg.lr), "align": (tcfg.align_epochs, tcfg.align_lr),
                       "pause_pretrain": (tcfg.pause_epochs, tcfg.pause_lr)}[tcfg.task]
         frozen = {"rec": tcfg.frozen_epochs, "align": tcfg.align_frozen_epochs, "pause_pretrain": 0}[tcfg.task]
@@ -463,7 +484,8 @@ def fit(run: Run, phase: Phase):
     while getattr(run, phase.counter) < phase.total and not (run.stop and not phase.refit):
         epoch, skip = divmod(getattr(run, phase.counter), phase.steps_per_epoch)
         seed = tcfg.seed * 1000 + phase.first_epoch + epoch
-        for rows in batches(phase.examples, tcfg.batch_size, torch.Generator().manual_seed(seed))[skip:]:
+        order = batches(phase.examples, tcfg.batch_size, torch.Generator().manual_seed(seed), tcfg.batch_tokens)
+        for rows in order[skip:]:
             train_step(run, phase, rows, phase.first_epoch + epoch)
             if phase.validates and (run.step % eval_every == 0 or run.step == phase.total):
                 validate(run, epoch)
@@ -538,8 +560,8 @@ def stage_end(run: Run, phase: Phase) -> dict:
 def main(argv):
     run = setup(argv)               # config, run folder and data checked; config printed; seeds set
     prepare(run)                    # split, SIDs, tokens, trie, training examples
+    training, refitting = Phase(run, refit=False), Phase(run, refit=True)   # the batches per epoch, the schedule
     build(run)                      # model, optimizer (resumed from last.pt), run folder
-    training, refitting = Phase(run, refit=False), Phase(run, refit=True)
     run.bar = tqdm(total=training.total + refitting.total, initial=run.step + run.refit_step, desc="train",
                    disable=None if run.rank == 0 else True)
     run.tokens, run.t_log = 0, time.time()
