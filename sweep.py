@@ -115,7 +115,7 @@ def optimizer_step(model, device, weight_decay, loss_fn=None, amp: bool = False)
     import train
     loss_fn = loss_fn or pauserec.training_loss
     model.train()
-    opt = torch.optim.AdamW(train.param_groups(model, weight_decay), lr=1e-4)
+    opt = train.adamw(train.param_groups(model, weight_decay), 1e-4, device)
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=amp)
 
     def step(ids, loss_mask):

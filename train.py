@@ -338,6 +338,12 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     return groups
 
 
+def adamw(groups, lr: float, device: str):
+    """AdamW over param_groups' groups: fused on CUDA (one kernel for all parameters, its step counts on the device,
+    so a step reads nothing back); elsewhere torch's for-loop AdamW (the CPU's fused one agrees only to rounding)."""
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), fused=device.startswith("cuda"))
+
+
 def build(run: Run):
     """Model (a backbone: pretrained weights, our tokens' rows appended), AdamW, the state of last.pt when
     resuming, the training forward (optionally compiled and under DDP); then the run folder is written."""
@@ -353,7 +359,7 @@ def build(run: Run):
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters ({trained / 1e6:.2f}M "
           f"trained), vocabulary {run.tok.size}")
     groups = param_groups(model, tcfg.weight_decay if not pause_only else 0.0)
-    run.optimizer = torch.optim.AdamW(groups, lr=tcfg.lr, betas=(0.9, 0.98))
+    run.optimizer = adamw(groups, tcfg.lr, run.device)
     run.backbone_params = [p for g in groups if g["backbone"] for p in g["params"]]
     if tcfg.resume:
         resume_from_last(run)
