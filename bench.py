@@ -18,30 +18,31 @@ the last line of stdout.
         train and evaluate one setting with train.seed = 0..N-1 (one run folder each, under DIR, default
         runs/seeds_<config stem>; finished runs are reused), then the mean and (sample) std over the seeds of
         every validation and test metric and of the training seconds
-    python bench.py finetune CONFIG [--depths 2,8,30] [--steps 5] [--threads N] [--peak-gflops X] [key=value ...]
+    python bench.py finetune CONFIG [--depths 2,8,30] [--steps 5] [--threads N] [--peak-gflops X] [--settings A,B]
+                         [--batch-tokens N] [--profile DIR [--profile-steps 3]] [key=value ...]
         the pretrained backbone cut to each depth (model.keep_layers), trained with every weight
         (model.train_text_rows=true), with its text rows frozen (the default), and with our rows only
         (model.train_only_new_tokens=true): trained parameters, training tokens/s (real tokens, not padding) over
-        --steps optimizer steps after a warm-up step, and MFU against the float32 torch.mm rate measured here
+        --steps optimizer steps after a warm-up step (train.amp as configured), and MFU against the torch.mm rate
+        measured here (float32; bfloat16 on CUDA). --profile DIR: a torch.profiler trace of each row's steps in DIR
+        and its top-15 ops printed
 
 Timings are medians of 3 repetitions after a warm-up; compare figures from the same run only.
 """
 import argparse
 import functools
 import json
-import random
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-import backbones
 import common
 import data
 import evaluate
+import mfu
 import pauserec
-import rationales
 import sid
 import sweep
 from model import GPT, ModelConfig
@@ -225,23 +226,11 @@ QUICK = ["data.num_users=400", "data.num_items=80", "sid.codebook_size=8", "sid.
          "train.refit_epochs=0"]
 
 
-def training_batches(tok, mcfg, ds, max_history, batch_size, steps):
-    """(batches, tokens): up to `steps` batches [(ids, loss_mask)] of the run's size, built as train.py builds them
-    (its examples, its shuffled length-sorted batches), and each batch's real tokens (padding not counted)."""
-    import train
-    ds = ds._replace(sequences=ds.sequences[: 4 * steps * batch_size])   # enough examples for `steps` batches
-    split = data.leave_one_out(ds.sequences, max_history)
-    examples = train.training_examples(tok, mcfg, ds, split, max_history, random.Random(0))
-    order = train.batches(examples, batch_size, torch.Generator().manual_seed(0))[:steps]
-    return ([pauserec.collate([examples[i] for i in rows], tok.PAD) for rows in order],
-            [sum(len(examples[i][0]) for i in rows) for rows in order])
-
-
 def train_steps(tok, mcfg, ds, max_history, batch_size, model, device, steps=20, weight_decay=0.0):
     """(fn, tokens): fn runs `steps` optimizer steps (forward, backward, AdamW) on a copy of the model with
     batches of the run's size, over `tokens` training tokens; timing it gives a mode's training throughput."""
     import copy
-    batches, tokens = training_batches(tok, mcfg, ds, max_history, batch_size, steps)
+    batches, tokens = sweep.training_batches(tok, mcfg, ds, max_history, batch_size, steps)
     step = sweep.optimizer_step(copy.deepcopy(model), device, weight_decay)
 
     def run():
@@ -381,130 +370,6 @@ def bench_seeds(args, overrides):
 
 
 
-FINETUNE_SETTINGS = (("all weights", ["model.train_text_rows=true", "model.train_only_new_tokens=false"]),
-                     ("text rows frozen", ["model.train_text_rows=false", "model.train_only_new_tokens=false"]),
-                     ("our rows only", ["model.train_text_rows=false", "model.train_only_new_tokens=true"]))
-PEAK_SIZE = 2048   # side of the square float32 matrices whose torch.mm rate is the measured peak
-
-
-def measured_peak_gflops(device, n=PEAK_SIZE, reps=5) -> float:
-    """GFLOP/s of torch.mm on two n x n float32 matrices (2 n^3 FLOPs), median of `reps` after a warm-up, at
-    torch's current thread count: the peak the MFU is measured against."""
-    g = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(n, n, generator=g).to(device) for _ in range(2))
-    out = torch.empty(n, n, device=device)
-
-    def mm():
-        torch.mm(a, b, out=out)
-        sweep.synchronize(device)
-    return 2 * n ** 3 / sweep.median_seconds(mm, reps) / 1e9
-
-
-def matmul_weights(model) -> tuple[int, int]:
-    """(N, N_trained): the weights multiplied per token, and those of them that train: the blocks' Linear weights
-    and the head's rows (model.head=new: ours only). A tied head is the input table, one matrix; looking up input
-    rows multiplies nothing."""
-    mats = [(m.weight.numel(), m.weight.requires_grad) for m in model.transformer.h.modules()
-            if isinstance(m, torch.nn.Linear)]
-    head = model.lm_head.weight                  # [V, d] from scratch, the text rows [base, d] pretrained
-    if model.new_rows is None:
-        mats.append((head[model.head_start:].numel(), head.requires_grad))
-    else:
-        ours = model.new_output_rows
-        mats.append((ours.numel(), ours.requires_grad))
-        if not model.head_start:   # head=full: the text rows too
-            mats.append((head.numel(), head.requires_grad))
-    return sum(n for n, _ in mats), sum(n for n, trained in mats if trained)
-
-
-def train_flops_per_token(model) -> int:
-    """Model FLOPs of a training token: 2N forward, 2N activation gradients, 2 N_trained weight gradients
-    (matmul_weights). Attention's scores are left out, and the head's rows count at every token although
-    model.loss multiplies them at the supervised positions only: a small overcount with model.head=new (our rows),
-    a large one with head=full."""
-    n, trained = matmul_weights(model)
-    return 4 * n + 2 * trained
-
-
-def stepper(step, batches, device):
-    """fn: each call takes one optimizer step (optimizer_step's `step`) on the next of batches."""
-    queue = iter(batches)
-
-    def fn():
-        step(*next(queue))
-        sweep.synchronize(device)
-    return fn
-
-
-def bench_finetune(args, overrides):
-    """Every depth x setting of FINETUNE_SETTINGS: the model as train.py builds it (the pretrained weights, cut to
-    the depth), one warm-up step, then --steps steps on real training batches, the settings of one depth in
-    interleaved rounds on the same batches; tokens/s and MFU against a float32 matmul peak measured here."""
-    import train
-    depths = [int(d) for d in args.depths.split(",")]
-    if args.steps < 1 or min(depths) < 1:
-        raise ValueError(f"bench.py finetune: --steps and --depths must be >= 1, got {args.steps}, {args.depths}")
-    cfg = sweep.run_config([args.config, *overrides])
-    tcfg, mcfg = cfg["train"], cfg["model"]
-    if mcfg.backbone == "scratch":
-        raise ValueError("bench.py finetune times a pretrained backbone: set model.backbone and model.hf_dir")
-    if tcfg.task != "rec":
-        raise ValueError(f"bench.py finetune times next-item training (train.task=rec), got train.task={tcfg.task}")
-    device = train.pick_device(tcfg.device)
-    if args.threads or tcfg.threads:
-        torch.set_num_threads(args.threads or tcfg.threads)
-    ds = data.load_dataset(cfg["data"])
-    backbones.fetch_hf(mcfg)
-    codes = train.sid_table(cfg, ds, Path(tcfg.sid_cache))[0]
-    words = rationales.rationale_words(ds.item_meta, mcfg.rationale_file) if mcfg.reasoning == "cot" else []
-    tok = backbones.make_tokens(mcfg, codes, words, ds.item_meta)
-    batches, tokens = training_batches(tok, mcfg, ds, cfg["data"].max_history, tcfg.batch_size, args.steps + 1)
-    if len(batches) <= args.steps:
-        raise ValueError(f"bench.py finetune: the data makes {len(batches)} batches, --steps {args.steps} needs "
-                         f"{args.steps + 1} (one to warm up)")
-    peak = args.peak_gflops or measured_peak_gflops(device)
-    rows = []
-    for depth in depths:
-        steps, row_of_depth = [], []
-        for name, setting in FINETUNE_SETTINGS:
-            row_cfg = sweep.run_config([args.config, *overrides, f"model.keep_layers={depth}", *setting])["model"]
-            torch.manual_seed(tcfg.seed)
-            model = backbones.make_model(row_cfg, tok).to(device)
-            steps.append(stepper(sweep.optimizer_step(model, device, tcfg.weight_decay), batches, device))
-            row_of_depth.append({"depth": depth, "setting": name,
-                                 "params": sum(p.numel() for p in model.parameters()),
-                                 "trained_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                                 "flops_per_token": train_flops_per_token(model)})
-        # the warm-up takes batch 0, round r batch r for every setting
-        for row, seconds in zip(row_of_depth, sweep.interleaved_seconds(steps, args.steps)):
-            row.update(tokens=sum(tokens[1:]), seconds=round(sum(seconds), 6))
-            row["tokens_per_s"] = round(row["tokens"] / sum(seconds), 1)
-            row["mfu"] = round(row["flops_per_token"] * row["tokens"] / sum(seconds) / (peak * 1e9), 5)
-        rows += row_of_depth
-        del steps, model   # the models of this depth, their gradients and AdamW states
-    peak_source = "--peak-gflops" if args.peak_gflops else "measured fp32 matmul peak"
-    print_finetune(rows, peak, peak_source, torch.get_num_threads(), device)
-    result = {"config": args.config, "overrides": overrides, "device": device, "threads": torch.get_num_threads(),
-              "steps": args.steps, "batch_size": tcfg.batch_size, "vocab_size": tok.size, "text_vocab": tok.base,
-              "peak_gflops": round(peak, 2), "peak_source": peak_source, "rows": rows}
-    print(json.dumps(result))
-    return result
-
-
-def print_finetune(rows, peak, peak_source, threads, device):
-    what = f"torch.mm {PEAK_SIZE}x{PEAK_SIZE} float32, {threads} threads" if peak_source.startswith("measured") \
-        else "given"
-    print(f"peak: {peak:.1f} GFLOP/s ({what}, {device})")
-    head = ["blocks", "setting", "trained params", "tokens", "seconds", "tokens/s", "GFLOP/token",
-            f"MFU vs {peak_source}"]
-    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
-    for r in rows:
-        cells = [str(r["depth"]), r["setting"], f"{r['trained_params'] / 1e6:.2f}M of {r['params'] / 1e6:.2f}M",
-                 str(r["tokens"]), f"{r['seconds']:.3f}", f"{r['tokens_per_s']:.1f}",
-                 f"{r['flops_per_token'] / 1e9:.4f}", f"{100 * r['mfu']:.1f}%"]
-        print("| " + " | ".join(cells) + " |")
-
-
 def main(argv):
     import train  # for the config keys that `reasoning` passes on to train.py
     keys = ("reasoning, seeds and finetune pass their key=value arguments on to train.py.\n\n"
@@ -544,7 +409,14 @@ def main(argv):
     f.add_argument("--steps", type=int, default=5, help="timed optimizer steps per row, after one warm-up step")
     f.add_argument("--threads", type=int, default=0, help="torch threads (0: train.threads, else torch's default)")
     f.add_argument("--peak-gflops", type=float, default=0.0, help="the peak the MFU is measured against, in "
-                   "GFLOP/s (e.g. an accelerator's); 0: measure torch.mm's float32 rate here")
+                   "GFLOP/s (e.g. an accelerator's); 0: measure torch.mm's rate here (bfloat16 on CUDA, else float32)")
+    f.add_argument("--settings", default="", help="a comma-separated subset of the settings, e.g. 'text rows frozen' "
+                   "(default: all)")
+    f.add_argument("--batch-tokens", type=int, default=0, help="token-budgeted batches of at most N padded tokens "
+                   "(train.batch_tokens; 0: the config's)")
+    f.add_argument("--profile", default="", metavar="DIR", help="trace each row's steps with torch.profiler into DIR "
+                   "and print its top-15 ops")
+    f.add_argument("--profile-steps", type=int, default=3, help="--profile: steps traced per row")
     args, rest = parser.parse_known_args(argv)
     if args.command == "beam":
         if rest:
@@ -553,7 +425,7 @@ def main(argv):
     if args.command == "seeds":
         return bench_seeds(args, rest)
     if args.command == "finetune":
-        return bench_finetune(args, rest)
+        return mfu.bench_finetune(args, rest)
     return bench_reasoning(args, rest)
 
 

@@ -420,12 +420,13 @@ class GPT(nn.Module):
         N, T = x.shape[:2]
         dev = x.device
         real = key_mask if key_mask is not None else torch.ones(N, T, dtype=torch.bool, device=dev)
+        plain = positions is None and key_mask is None and cache is None   # positions 0..T-1: no read of the device
         before = cache.read(real) if cache is not None else None   # [N] tokens each row read in earlier calls
         if positions is None:
             positions = (real.long().cumsum(1) - 1).clamp(min=0)
             if before is not None:
                 positions = positions + before[:, None]
-        if int(positions.max()) >= self.cfg.max_len:
+        if (T if plain else int(positions.max()) + 1) > self.cfg.max_len:   # a training step waits for no device
             raise ValueError(f"sequence longer than model.max_len={self.cfg.max_len} positions")
         mask = None  # None = plain causal attention (a cache past its prefill masks by its own books)
         if key_mask is not None and not bool(key_mask.all()):

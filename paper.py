@@ -163,10 +163,11 @@ SFT_MODES = (("plain", "plain SFT", ["model.reasoning=none"]), ("pause", "pause 
 ARMS = {"aligned": "sft", "not_aligned": "noalign"}   # --arms name -> the prefix of its run folders
 # What a finished stage is compared on before it is reused (every other train.* and eval.* key, and the modes'
 # model keys, belong to the SFTs): the keys that change what the stage trains
-STAGE_TRAIN_KEYS = {"align": {"task", "seed", "batch_size", "align_lr", "align_epochs", "align_frozen_epochs",
-                              "backbone_lr_ratio", "weight_decay", "grad_clip", "warmup_steps", "min_lr", "amp"},
-                    "pause_pretrain": {"task", "seed", "batch_size", "pause_lr", "pause_epochs", "pause_rate",
-                                       "grad_clip", "warmup_steps", "min_lr", "amp"}}
+STAGE_TRAIN_KEYS = {"align": {"task", "seed", "batch_size", "batch_tokens", "align_lr", "align_epochs",
+                              "align_frozen_epochs", "backbone_lr_ratio", "weight_decay", "grad_clip", "warmup_steps",
+                              "min_lr", "amp"},
+                    "pause_pretrain": {"task", "seed", "batch_size", "batch_tokens", "pause_lr", "pause_epochs",
+                                       "pause_rate", "grad_clip", "warmup_steps", "min_lr", "amp"}}
 SFT_MODEL_KEYS = {"num_pauses", "pause_embeddings", "latent_steps", "pause_layout", "loss_on_history",
                   "rationale_file", "rationale_noise", "max_rationale_len", "think_pauses", "step_loss",
                   "step_loss_weight", "step_temp"}
@@ -251,7 +252,7 @@ def pipeline_plan(runs, time_steps: int, tokens_per_s: float = 0.0, peak_tflops:
         plan, examples = plan_training(cfg, ds, tok) if tcfg.task == "rec" else plan_stage(cfg, ds, tok)
         plan = {"row": name, "run": slug, "wave": wave, **plan}
         kind = json.dumps([asdict(dataclasses.replace(mcfg, init_from="")), tcfg.task, tcfg.batch_size, tcfg.amp,
-                           device, tcfg.threads], sort_keys=True)
+                           tcfg.batch_tokens, device, tcfg.threads], sort_keys=True)
         if tokens_per_s:
             seconds = (plan["train_tokens"] + plan["eval_tokens"] / 3) / tokens_per_s
         else:
@@ -284,7 +285,7 @@ def measured_rates(cfg, ds, codes, tok, examples, steps: int, device: str) -> di
         stages.train_only_pause_row(model, tok)
     loss_fn = pauserec.training_loss if tcfg.task == "rec" else stages.text_loss
     step = sweep.optimizer_step(model, device, tcfg.weight_decay, loss_fn, tcfg.amp)
-    order = train.batches(examples, tcfg.batch_size, torch.Generator().manual_seed(0))[: steps + 1]
+    order = train.batches(examples, tcfg.batch_size, torch.Generator().manual_seed(0), tcfg.batch_tokens)[: steps + 1]
     batches = [pauserec.collate([examples[i] for i in rows], tok.PAD) for rows in order]
     step(*batches[0])                                    # warm-up
     sweep.synchronize(device)
@@ -327,10 +328,10 @@ def model_size(cfg, tok) -> int:
     return blocks + model.head_rows().numel()
 
 
-def padding_share(examples, batch_size: int) -> float:
-    """Share of pad tokens in an epoch of train.batches (length-sorted within chunks)."""
+def padding_share(examples, tcfg) -> float:
+    """Share of pad tokens in an epoch of train.batches (length-sorted within chunks, or token-budgeted)."""
     import train
-    order = train.batches(examples, batch_size, torch.Generator().manual_seed(0))
+    order = train.batches(examples, tcfg.batch_size, torch.Generator().manual_seed(0), tcfg.batch_tokens)
     padded = sum(len(rows) * max(len(examples[i][0]) for i in rows) for rows in order)
     return round(1 - sum(len(x[0]) for x in examples) / padded, 3)
 
@@ -341,7 +342,7 @@ def plan_stage(cfg, ds, tok) -> tuple[dict, list]:
     examples = stages.stage_examples(tcfg, cfg["model"], tok, ds.item_meta)
     epochs = tcfg.align_epochs if tcfg.task == "align" else tcfg.pause_epochs
     return ({"examples": len(examples), "epochs": epochs, "train_tokens": epochs * sum(len(x[0]) for x in examples),
-             "padding_share": padding_share(examples, tcfg.batch_size), "eval_users": 0, "eval_tokens": 0}, examples)
+             "padding_share": padding_share(examples, tcfg), "eval_users": 0, "eval_tokens": 0}, examples)
 
 
 def plan_training(cfg, ds, tok) -> tuple[dict, list]:
@@ -354,8 +355,8 @@ def plan_training(cfg, ds, tok) -> tuple[dict, list]:
     rng = random.Random(tcfg.seed)
     examples = train.training_examples(tok, mcfg, ds, split, max_history, rng)
     refit = train.training_examples(tok, mcfg, ds, split, max_history, rng, refit=True) if tcfg.refit_epochs else []
-    steps = tcfg.epochs * math.ceil(len(examples) / tcfg.batch_size)
-    every = ecfg.every or math.ceil(len(examples) / tcfg.batch_size)
+    per_epoch = len(train.batches(examples, tcfg.batch_size, torch.Generator(), tcfg.batch_tokens))   # Phase's count
+    steps, every = tcfg.epochs * per_epoch, ecfg.every or per_epoch
     sample = min(ecfg.valid_users or len(split["valid"]), len(split["valid"]))
     tests = 1 + len(evaluate.ABLATIONS) * (mcfg.reasoning == "pause")
     users = math.ceil(steps / every) * sample + len(split["valid"]) + tests * len(split["test"])
@@ -364,7 +365,7 @@ def plan_training(cfg, ds, tok) -> tuple[dict, list]:
     return ({"examples": len(examples), "epochs": tcfg.epochs,
              "train_tokens": tcfg.epochs * sum(len(x[0]) for x in examples)
              + tcfg.refit_epochs * sum(len(x[0]) for x in refit),
-             "padding_share": padding_share(examples, tcfg.batch_size), "eval_users": users,
+             "padding_share": padding_share(examples, tcfg), "eval_users": users,
              "eval_tokens": round(users * (prompt + per_user))}, examples)
 
 

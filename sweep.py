@@ -1,5 +1,6 @@
 """Sweeps of train.py runs, shared by bench.py and paper.py: train them side by side, reuse the finished ones, sum
-them up over seeds; and timing in interleaved rounds (the figures of both scripts)."""
+them up over seeds; and timing in interleaved rounds (the figures of both scripts), its batches, the profiler."""
+import random
 import statistics
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import torch
 import yaml
 
 import common
+import data
 import pauserec
 
 
@@ -115,7 +117,7 @@ def optimizer_step(model, device, weight_decay, loss_fn=None, amp: bool = False)
     import train
     loss_fn = loss_fn or pauserec.training_loss
     model.train()
-    opt = torch.optim.AdamW(train.param_groups(model, weight_decay), lr=1e-4)
+    opt = train.adamw(train.param_groups(model, weight_decay), 1e-4, device)
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=amp)
 
     def step(ids, loss_mask):
@@ -131,3 +133,32 @@ def synchronize(device):
     """Wait for the accelerator's queued work, so that a timer around it counts it."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def profile(step, batches, device, path) -> str:
+    """step(*batch) for each of batches under torch.profiler (the CPU's ops, and on CUDA the kernels), saved to path
+    as a Chrome trace (chrome://tracing, ui.perfetto.dev); returns the table of the 15 ops of most self time (the
+    device's on CUDA: launch overhead shows as the gap between the two)."""
+    from torch.profiler import ProfilerActivity
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        for batch in batches:
+            step(*batch)
+        synchronize(device)
+    prof.export_chrome_trace(str(path))
+    return prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=15)
+
+
+def training_batches(tok, mcfg, ds, max_history, batch_size, steps, batch_tokens=0):
+    """(batches, tokens): up to `steps` batches [(ids, loss_mask)] of the run's size, built as train.py builds them
+    (its examples, its shuffled length-sorted or token-budgeted batches), and each batch's real tokens (padding not
+    counted). Token-budgeted batches are cut from all the data (their rows vary), others from enough of it."""
+    import train
+    if not batch_tokens:
+        ds = ds._replace(sequences=ds.sequences[: 4 * steps * batch_size])   # enough examples for `steps` batches
+    split = data.leave_one_out(ds.sequences, max_history)
+    examples = train.training_examples(tok, mcfg, ds, split, max_history, random.Random(0))
+    order = train.batches(examples, batch_size, torch.Generator().manual_seed(0), batch_tokens)[:steps]
+    return ([pauserec.collate([examples[i] for i in rows], tok.PAD) for rows in order],
+            [sum(len(examples[i][0]) for i in rows) for rows in order])

@@ -15,7 +15,6 @@ then the refit model, and model_valid.pt the checkpoint chosen on validation).
 import hashlib
 import json
 import math
-import os
 import random
 import re
 import shutil
@@ -33,6 +32,7 @@ from tqdm import tqdm
 import backbones
 import common
 import data
+import ddp
 import evaluate
 import pauserec
 import rationales
@@ -51,6 +51,7 @@ class TrainConfig:
     threads: int = 0             # torch.set_num_threads (0: leave torch's default)
     epochs: int = 40             # the cosine schedule spans all of them
     batch_size: int = 32         # training sequences per step (every_item: whole sequences, ~7 targets each)
+    batch_tokens: int = 0        # > 0: batches of similar-length examples, rows x longest row <= this, not batch_size
     lr: float = 2e-3             # AdamW peak learning rate (after warmup)
     min_lr: float = 1e-5         # cosine decay ends here
     warmup_steps: int = 200      # linear warmup from 0 to lr
@@ -94,7 +95,7 @@ def check_train_config(cfg: TrainConfig, mcfg: ModelConfig):
         if getattr(cfg, key) <= 0:
             raise ValueError(f"train.{key} must be > 0, got {getattr(cfg, key)}")
     for key in ("min_lr", "warmup_steps", "weight_decay", "patience", "threads", "refit_epochs", "backbone_lr_ratio",
-                "frozen_epochs", "align_frozen_epochs"):
+                "frozen_epochs", "align_frozen_epochs", "batch_tokens"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"train.{key} must be >= 0, got {getattr(cfg, key)}")
     if cfg.task not in ("rec", "align", "pause_pretrain"):
@@ -164,9 +165,12 @@ def training_examples(tok, mcfg, ds, split, max_history, rng, refit=False):
             for i, ex in enumerate(targets)]
 
 
-def batches(examples, batch_size, generator):
-    """Shuffled batches of similar length (sorted within chunks of 64 batches): less padding."""
+def batches(examples, batch_size, generator, batch_tokens=0):
+    """Shuffled batches of similar length (sorted within chunks of 64 batches): less padding. batch_tokens > 0:
+    token_batches instead."""
     order = torch.randperm(len(examples), generator=generator).tolist()
+    if batch_tokens:
+        return token_batches(examples, order, batch_tokens, generator)
     chunk = 64 * batch_size
     out = []
     for start in range(0, len(order), chunk):
@@ -174,6 +178,22 @@ def batches(examples, batch_size, generator):
         out += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
     shuffle = torch.randperm(len(out), generator=generator).tolist()
     return [out[i] for i in shuffle]
+
+
+def token_batches(examples, order, batch_tokens, generator):
+    """Batches whose padded size (rows x longest row) is at most batch_tokens, shuffled: all examples sorted by length
+    (ties in the random order), then cut greedily. The lengths in that order are the same in every epoch, so are
+    the cuts: the number of batches is fixed (Phase.steps_per_epoch); equal-length examples mix across epochs."""
+    out, rows = [], []
+    for i in sorted(order, key=lambda i: len(examples[i][0])):   # ascending: example i is its batch's longest
+        if len(examples[i][0]) > batch_tokens:
+            raise ValueError(f"train.batch_tokens={batch_tokens} is below a training example's "
+                             f"{len(examples[i][0])} tokens")
+        if (len(rows) + 1) * len(examples[i][0]) > batch_tokens:
+            out, rows = out + [rows], []
+        rows.append(i)
+    out += [rows] if rows else []
+    return [out[i] for i in torch.randperm(len(out), generator=generator).tolist()]
 
 
 def lr_at(step, total, cfg: TrainConfig):
@@ -185,23 +205,7 @@ def lr_at(step, total, cfg: TrainConfig):
 
 
 # ----------------------------------------------------------------------------------------------
-# Distributed data parallel: `torchrun --nproc_per_node=N train.py ...` runs this script N times.
-# Every rank holds all data and the same model; each step splits the batch across ranks, DDP averages
-# the gradients, and rank 0 alone writes files and prints.
-
-def init_distributed(device: str):
-    """(rank, world size, device); a plain `python train.py` (no torchrun environment) is rank 0 of 1."""
-    if "WORLD_SIZE" not in os.environ:
-        return 0, 1, device
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    if device.startswith("cuda"):
-        device = pick_device(f"cuda:{os.environ['LOCAL_RANK']}")  # one GPU per process
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    if rank:
-        sys.stdout = open(os.devnull, "w")  # silences print and tqdm.write
-    return rank, world, device
-
+# The training forward
 
 class BatchLoss(torch.nn.Module):
     """A batch loss as a forward(): DDP and torch.compile hook forward(), not other functions. loss_fn:
@@ -213,18 +217,6 @@ class BatchLoss(torch.nn.Module):
 
     def forward(self, ids, loss_mask):
         return self.loss_fn(self.model, ids, loss_mask)
-
-
-def shard(rows, examples, rank, world):
-    """This rank's rows of a batch and the weight of their mean loss. DDP averages gradients over ranks,
-    so weighting by world * (the rank's supervised tokens) / (the batch's) makes the step the same as one
-    process taking the whole batch. A rank left without rows (short last batch) takes one at weight 0."""
-    if world == 1:
-        return rows, 1.0
-    if len(rows) <= rank:
-        return rows[:1], 0.0
-    supervised = [sum(examples[i][1][1:]) for i in rows]   # loss_mask[1:]: the tokens the loss averages
-    return rows[rank::world], world * sum(supervised[rank::world]) / sum(supervised)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -265,7 +257,7 @@ def setup(argv) -> Run:
     """Config, run folder and data checked (a user error is one line before anything is printed), then the
     config printed and the seeds set."""
     cfg, run_dir = parse_args(argv)
-    run = Run(cfg, run_dir, *init_distributed(pick_device(cfg["train"].device)))
+    run = Run(cfg, run_dir, *ddp.init_distributed(pick_device(cfg["train"].device)))
     if run.world > 1 and run.tcfg.task != "rec":
         raise ValueError(f"train.task={run.tcfg.task} runs in one process: start it with python, not torchrun")
     if run.world > 1 and run.tcfg.frozen_epochs:   # DDP fixes the parameters it reduces when it wraps the model
@@ -346,6 +338,12 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     return groups
 
 
+def adamw(groups, lr: float, device: str):
+    """AdamW over param_groups' groups: fused on CUDA (one kernel for all parameters, its step counts on the device,
+    so a step reads nothing back); elsewhere torch's for-loop AdamW (the CPU's fused one agrees only to rounding)."""
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), fused=device.startswith("cuda"))
+
+
 def build(run: Run):
     """Model (a backbone: pretrained weights, our tokens' rows appended), AdamW, the state of last.pt when
     resuming, the training forward (optionally compiled and under DDP); then the run folder is written."""
@@ -361,7 +359,7 @@ def build(run: Run):
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters ({trained / 1e6:.2f}M "
           f"trained), vocabulary {run.tok.size}")
     groups = param_groups(model, tcfg.weight_decay if not pause_only else 0.0)
-    run.optimizer = torch.optim.AdamW(groups, lr=tcfg.lr, betas=(0.9, 0.98))
+    run.optimizer = adamw(groups, tcfg.lr, run.device)
     run.backbone_params = [p for g in groups if g["backbone"] for p in g["params"]]
     if tcfg.resume:
         resume_from_last(run)
@@ -408,7 +406,8 @@ class Phase:
         self.refit, self.counter = refit, "refit_step" if refit else "step"
         self.validates = not refit and tcfg.task == "rec"
         self.examples = run.refit_examples if refit else run.examples
-        self.steps_per_epoch = math.ceil(len(self.examples) / tcfg.batch_size)
+        self.steps_per_epoch = len(batches(self.examples, 0, torch.Generator(), tcfg.batch_tokens)) \
+            if tcfg.batch_tokens else math.ceil(len(self.examples) / tcfg.batch_size)   # the same every epoch
         epochs, lr = {"rec": (tcfg.epochs, tcfg.lr), "align": (tcfg.align_epochs, tcfg.align_lr),
                       "pause_pretrain": (tcfg.pause_epochs, tcfg.pause_lr)}[tcfg.task]
         frozen = {"rec": tcfg.frozen_epochs, "align": tcfg.align_frozen_epochs, "pause_pretrain": 0}[tcfg.task]
@@ -436,7 +435,7 @@ def train_step(run: Run, phase: Phase, rows, epoch: int):
     for p in run.backbone_params:   # frozen: no gradient computed, AdamW skips them (no state, no decay)
         p.requires_grad_(n - 1 >= phase.frozen_steps)
     run.train_loss.train()
-    mine, weight = shard(rows, phase.examples, run.rank, run.world)   # all rows when world == 1
+    mine, weight = ddp.shard(rows, phase.examples, run.rank, run.world)   # all rows when world == 1
     ids, loss_mask = pauserec.collate([phase.examples[i] for i in mine], run.tok.PAD)
     ids, loss_mask = ids.to(run.device), loss_mask.to(run.device)
     for group in run.optimizer.param_groups:
@@ -454,10 +453,7 @@ def train_step(run: Run, phase: Phase, rows, epoch: int):
     setattr(run, phase.counter, n)
     run.bar.update(1)
     if n % run.tcfg.log_every == 0:
-        if run.world > 1:  # the whole batch's mean loss, as one process would log it
-            loss = (loss * weight).detach()
-            dist.all_reduce(loss)
-            loss /= run.world
+        loss = ddp.batch_loss(loss, weight, run.world)
         rate = run.tokens / (time.time() - run.t_log)
         run.bar.set_postfix(loss=f"{loss.item():.3f}", tok_s=f"{rate:.0f}")
         log(run, {phase.counter: n, "epoch": epoch, "loss": round(loss.item(), 4), "lr": lr,
@@ -494,7 +490,8 @@ def fit(run: Run, phase: Phase):
     while getattr(run, phase.counter) < phase.total and not (run.stop and not phase.refit):
         epoch, skip = divmod(getattr(run, phase.counter), phase.steps_per_epoch)
         seed = tcfg.seed * 1000 + phase.first_epoch + epoch
-        for rows in batches(phase.examples, tcfg.batch_size, torch.Generator().manual_seed(seed))[skip:]:
+        order = batches(phase.examples, tcfg.batch_size, torch.Generator().manual_seed(seed), tcfg.batch_tokens)
+        for rows in order[skip:]:
             train_step(run, phase, rows, phase.first_epoch + epoch)
             if phase.validates and (run.step % eval_every == 0 or run.step == phase.total):
                 validate(run, epoch)
@@ -569,8 +566,8 @@ def stage_end(run: Run, phase: Phase) -> dict:
 def main(argv):
     run = setup(argv)               # config, run folder and data checked; config printed; seeds set
     prepare(run)                    # split, SIDs, tokens, trie, training examples
+    training, refitting = Phase(run, refit=False), Phase(run, refit=True)   # the batches per epoch, the schedule
     build(run)                      # model, optimizer (resumed from last.pt), run folder
-    training, refitting = Phase(run, refit=False), Phase(run, refit=True)
     run.bar = tqdm(total=training.total + refitting.total, initial=run.step + run.refit_step, desc="train",
                    disable=None if run.rank == 0 else True)
     run.tokens, run.t_log = 0, time.time()

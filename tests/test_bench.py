@@ -5,6 +5,7 @@ import pytest
 import yaml
 
 import bench
+import mfu
 import sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,7 +143,7 @@ def test_bench_finetune_rows_counts_and_flops(tmp_path):
                  "model.sid_init=mean"]   # the folder has no tokenizer (sid_init=text reads the titles)
     out = bench.main(["finetune", str(ROOT / "configs" / "demo_smollm2.yaml"), "--depths", "1,2", "--steps", "2",
                       "--threads", "1", *overrides])
-    settings = [name for name, _ in bench.FINETUNE_SETTINGS]
+    settings = [name for name, _ in mfu.FINETUNE_SETTINGS]
     assert settings == ["all weights", "text rows frozen", "our rows only"]
     assert [(r["depth"], r["setting"]) for r in out["rows"]] == [(d, s) for d in (1, 2) for s in settings]
     assert out["text_vocab"] == V and out["threads"] == 1 and out["steps"] == 2
@@ -160,6 +161,30 @@ def test_bench_finetune_rows_counts_and_flops(tmp_path):
         assert r["flops_per_token"] == 4 * n + 2 * trained
         assert r["tokens"] == out["rows"][0]["tokens"] > 0   # the same batches for every row
         assert r["tokens_per_s"] > 0                            # a clock reading: only that it is there
-        mfu = r["flops_per_token"] * r["tokens_per_s"] / (out["peak_gflops"] * 1e9)
-        assert r["mfu"] == pytest.approx(mfu, rel=1e-2, abs=1e-5)
+        rate = r["flops_per_token"] * r["tokens_per_s"] / (out["peak_gflops"] * 1e9)
+        assert r["mfu"] == pytest.approx(rate, rel=1e-2, abs=1e-5)
     assert out["peak_gflops"] > 0 and out["peak_source"] == "measured fp32 matmul peak"
+
+
+def test_bench_finetune_settings_batch_tokens_and_profile(tmp_path, capsys):
+    """--settings picks the rows; --batch-tokens times token-budgeted batches (rows x longest row within it);
+    --profile DIR writes a Chrome trace of each row's steps and prints its top-15 ops."""
+    from test_mapping import write_llama
+    write_llama(tmp_path / "llama", "LlamaForCausalLM", V=40, C=32, n_head=4, n_kv=2, ff=48, tie=True)
+    overrides = [f"model.hf_dir={tmp_path / 'llama'}", "model.max_len=64", f"train.sid_cache={tmp_path / 'sids'}",
+                 "model.sid_init=mean"]
+    out = bench.main(["finetune", str(ROOT / "configs" / "demo_smollm2.yaml"), "--depths", "1", "--steps", "2",
+                      "--threads", "1", "--settings", "text rows frozen", "--batch-tokens", "150",
+                      "--profile", str(tmp_path / "prof"), "--profile-steps", "2", *overrides])
+    assert [r["setting"] for r in out["rows"]] == ["text rows frozen"] and out["batch_tokens"] == 150
+    assert len(out["batch_shapes"]) == 2 and all(rows * longest <= 150 for rows, longest in out["batch_shapes"])
+    trace = out["rows"][0]["trace"]
+    assert trace == str(tmp_path / "prof" / "depth1_text_rows_frozen.json")
+    names = {e.get("name") for e in json.loads(Path(trace).read_text())["traceEvents"]}
+    assert {"aten::mm", "aten::scaled_dot_product_attention"} <= names     # the step's ops, forward and backward
+    printed = capsys.readouterr().out
+    assert "profile: 1 blocks, text rows frozen, 2 steps" in printed and "Self CPU time total" in printed
+    table = printed[printed.index("profile:"):printed.index("Self CPU time total")]
+    assert 15 + 4 <= len(table.strip().splitlines()) <= 15 + 6          # the title, header lines and 15 ops
+    with pytest.raises(ValueError, match="unknown setting 'frozen'"):
+        bench.main(["finetune", "c.yaml", "--settings", "frozen"])

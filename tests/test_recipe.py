@@ -8,7 +8,7 @@ import pytest
 import torch
 from test_gpt2 import write_tokenizer
 from test_mapping import write_llama
-from test_train import killed_at_first_checkpoint, tiny_args
+from test_train import host_reads_in_quiet_steps, killed_at_first_checkpoint, tiny_args
 
 import backbones as bb
 import bpe
@@ -222,3 +222,12 @@ def test_a_checkpoint_with_all_rows_in_one_table_loads_split(llama):
     fresh.load_state_dict(old)
     assert torch.equal(fresh.input_rows(), rows) and torch.equal(fresh.new_rows, model.new_rows)
     assert fresh.lm_head.weight is fresh.transformer.wte.weight
+
+
+def test_a_recipe_step_that_does_not_log_reads_nothing_back(tmp_path, llama, monkeypatch):
+    """The pretrained path (our rows and the text rows apart, the backbone frozen for an epoch, then joining; bf16
+    autocast): a training step that does not log reads no tensor's value back (test_train's HostReads)."""
+    reads = host_reads_in_quiet_steps(monkeypatch, recipe_args(
+        tmp_path, llama, "train.epochs=2", "train.frozen_epochs=1", "train.backbone_lr_ratio=0.1", "train.log_every=4",
+        "train.amp=true", "eval.valid_users=20"))
+    assert reads.pop("quiet steps") >= 5 and not reads, reads

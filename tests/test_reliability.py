@@ -14,6 +14,7 @@ import pytest
 import torch
 from test_train import TINY
 
+import ddp
 import evaluate
 import pauserec
 import sid
@@ -76,7 +77,7 @@ def test_shard_gives_each_rank_its_own_rows():
     examples = [([1] * 9, [False, True] * 4 + [True]) for _ in range(7)]
     rows = [4, 0, 6, 2, 5, 1, 3]
     for world in (2, 3):
-        shares = [train.shard(rows, examples, rank, world)[0] for rank in range(world)]
+        shares = [ddp.shard(rows, examples, rank, world)[0] for rank in range(world)]
         assert sorted(sum(shares, [])) == sorted(rows) and all(len(s) < len(rows) for s in shares)
 
 
@@ -94,12 +95,12 @@ def test_shard_weights_give_the_whole_batch_loss(size):
                 for n in (1, 5, 2, 8, 3, 4, 6)][:size]
     rows = list(range(size))
     whole = model.loss(*pauserec.collate([examples[i] for i in rows]))
-    world, ddp = 3, 0.0
+    world, averaged = 3, 0.0
     for rank in range(world):
-        mine, weight = train.shard(rows, examples, rank, world)
-        ddp += weight * model.loss(*pauserec.collate([examples[i] for i in mine])) / world
-    assert ddp.item() == pytest.approx(whole.item(), rel=1e-5)
-    assert train.shard(rows, examples, 0, 1) == (rows, 1.0)
+        mine, weight = ddp.shard(rows, examples, rank, world)
+        averaged += weight * model.loss(*pauserec.collate([examples[i] for i in mine])) / world
+    assert averaged.item() == pytest.approx(whole.item(), rel=1e-5)
+    assert ddp.shard(rows, examples, 0, 1) == (rows, 1.0)
 
 
 def test_amp_option_runs_on_cpu(tmp_path, monkeypatch):

@@ -1,4 +1,5 @@
-"""The training schedule: lr_at's endpoints, batches' epoch cover, early stopping, and what a resume may change."""
+"""The training schedule: lr_at's endpoints, batches' epoch cover (token-budgeted too), early stopping, and what a
+resume may change."""
 import json
 import math
 import random
@@ -8,6 +9,7 @@ import pytest
 import torch
 from test_reliability import train_args
 
+import pauserec
 import train
 
 
@@ -86,3 +88,71 @@ def test_resume_may_change_where_it_runs_and_how_often_it_logs(tmp_path, finishe
     got = train.main(train_args(tmp_path, "train.epochs=1", "eval.valid_users=50", "train.resume=true",
                                 "train.threads=2", "train.log_every=7", "eval.batch_size=33"))
     assert ranking(got["test"]) == ranking(want["test"]) and got["steps"] == want["steps"]
+
+
+# ----------------------------------------------------------------------------------------------- token-budgeted batches
+
+
+@pytest.mark.parametrize("n,budget", [(3000, 600), (100, 60), (3, 500), (50, 61)])
+def test_token_batches_keep_the_budget_cover_each_example_once_and_keep_their_count(n, budget):
+    """train.batch_tokens: every batch's padded size (rows x longest row) within the budget, each example once per
+    epoch, the order a function of the generator's seed (a resume replays it), and as many batches in every epoch
+    (Phase.steps_per_epoch counts one epoch's)."""
+    r = random.Random(n)
+    examples = [([0] * r.randint(2, 60), None) for _ in range(n)]
+    epochs = [train.batches(examples, 32, torch.Generator().manual_seed(e), budget) for e in range(3)]
+    for order in epochs:
+        assert sorted(i for rows in order for i in rows) == list(range(n))   # each example once
+        assert all(rows and len(rows) * max(len(examples[i][0]) for i in rows) <= budget for rows in order)
+    assert len({len(order) for order in epochs}) == 1
+    assert len(epochs[0]) == 1 or epochs[0] != epochs[1]   # another epoch, another order (one batch: sorted)
+    assert epochs[0] == train.batches(examples, 32, torch.Generator().manual_seed(0), budget)   # replayable
+    with pytest.raises(ValueError, match=r"train.batch_tokens=59 is below a training example's 60 tokens"):
+        train.batches([([0] * 60, None)], 32, torch.Generator(), 59)
+
+
+def test_token_batches_schedule_and_resume(tmp_path, monkeypatch):
+    """A run with train.batch_tokens takes as many steps per epoch as its batches, and a run killed mid-epoch and
+    resumed ends as the uninterrupted one."""
+    from test_train import killed_at_first_checkpoint
+    args = ["train.epochs=2", "eval.every=3", "eval.valid_users=50", "train.batch_tokens=400"]
+    whole = train.main(train_args(tmp_path / "whole", *args))
+    run = train.setup(train_args(tmp_path / "count", *args))
+    train.prepare(run)
+    assert whole["steps_per_epoch"] == len(train.batches(run.examples, 32, torch.Generator(), 400)) != \
+        math.ceil(len(run.examples) / 32) and whole["steps"] == 2 * whole["steps_per_epoch"]
+    killed_at_first_checkpoint(monkeypatch, train_args(tmp_path / "killed", *args))
+    resumed = train.main(train_args(tmp_path / "killed", *args, "train.resume=true"))
+    assert ranking(resumed["test"]) == ranking(whole["test"]) and resumed["steps"] == whole["steps"]
+
+
+def test_a_batch_trains_what_its_examples_train_alone():
+    """What a token-budgeted batch trains: model.loss is the mean over the batch's supervised tokens, so a batch's
+    loss and gradients are its examples' alone, each weighted by its supervised tokens; right padding (the causal
+    mask keeps a row's real tokens from the pads after them) never changes a row's loss."""
+    torch.manual_seed(0)
+    cfg = pauserec.ModelConfig(n_layer=2, n_head=2, d_model=16, reasoning="pause", num_pauses=2, dropout=0.0,
+                               pause_layout="every_item")
+    tok = pauserec.Tokens([4, 4], codes=torch.tensor([[i // 4, i % 4] for i in range(16)]))
+    model = pauserec.GPT(cfg, tok.size)
+    g = torch.Generator().manual_seed(0)
+    examples = [pauserec.build_sequence_example(tok, cfg, torch.randint(0, 16, (n,), generator=g).tolist())
+                for n in (2, 5, 3, 8)]
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        loss = model.loss(*batch)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+    whole, whole_grads = loss_and_grads(pauserec.collate(examples))
+    weights = [sum(m[1:]) for _, m in examples]   # supervised tokens (loss_mask[1:])
+    alone = [loss_and_grads(pauserec.collate([ex])) for ex in examples]
+    assert whole.item() == pytest.approx(sum(w * a[0].item() for w, a in zip(weights, alone)) / sum(weights), rel=1e-5)
+    for i, p in enumerate(whole_grads):
+        torch.testing.assert_close(p, sum(w * a[1][i] for w, a in zip(weights, alone)) / sum(weights))
+    ids, mask = pauserec.collate(examples)
+    padded = [loss_and_grads((ids[r:r + 1], mask[r:r + 1])) for r in range(len(examples))]   # row r, padded
+    for (loss, grads), (loss_alone, grads_alone) in zip(padded, alone):
+        torch.testing.assert_close(loss, loss_alone)
+        for p, q in zip(grads, grads_alone):
+            torch.testing.assert_close(p, q)

@@ -1,10 +1,13 @@
+import collections
 import json
+import traceback
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import common
 import data
@@ -170,3 +173,77 @@ def test_tiny_latent_run_trains_and_evaluate_reproduces_test(tmp_path):
     assert "reasoning_pos" in torch.load(run / "model.pt", weights_only=True)["model"]
     again = evaluate.main([str(run), "eval.batch_size=7"])
     assert all(again[k] == metrics["test"][k] for k in ("recall@5", "recall@10", "ndcg@5", "ndcg@10"))
+
+
+# ----------------------------------------------------------------------------------------------- host reads
+
+
+class HostReads(TorchDispatchMode):
+    """Counts, by the Python line that asked, the reads of a tensor's value back to the host: item, tolist, int,
+    float and bool of a tensor all end in aten._local_scalar_dense (on a GPU, each one waits for the queued work)."""
+
+    def __init__(self):
+        super().__init__()
+        self.where = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            frame = next(f for f in traceback.extract_stack()[-2::-1] if "torch" not in Path(f.filename).parts)
+            self.where[f"{Path(frame.filename).name}:{frame.lineno} {frame.line}"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def host_reads_in_quiet_steps(monkeypatch, args) -> collections.Counter:
+    """train.main(args) with each train_step that does not log (step % log_every) watched by HostReads, and AdamW
+    fused as on CUDA (the for-loop AdamW keeps its step counts on the host and reads them there)."""
+    reads, step = collections.Counter(), train.train_step
+    monkeypatch.setattr(train, "adamw", lambda groups, lr, device: torch.optim.AdamW(groups, lr, fused=True))
+
+    def watched(run, phase, rows, epoch):
+        if (getattr(run, phase.counter) + 1) % run.tcfg.log_every == 0:
+            return step(run, phase, rows, epoch)
+        with HostReads() as seen:
+            step(run, phase, rows, epoch)
+        reads.update(seen.where)
+        reads["quiet steps"] += 1
+    monkeypatch.setattr(train, "train_step", watched)
+    train.main(args)
+    return reads
+
+
+@pytest.mark.parametrize("extra", [[], ["model.pause_layout=every_item", "model.reasoning=none", "train.amp=true"]],
+                         ids=["pause_target", "none_every_item_amp"])
+def test_a_step_that_does_not_log_reads_nothing_back(tmp_path, monkeypatch, extra):
+    """A training step that does not log reads no tensor's value on the host (a GPU runs ahead of it), which
+    is what lets the device stay busy; the logged steps read the loss."""
+    reads = host_reads_in_quiet_steps(monkeypatch, tiny_args(tmp_path, "train.epochs=1", "train.log_every=4",
+                                                             "eval.valid_users=20", *extra))
+    assert reads.pop("quiet steps") >= 5 and not reads, reads
+
+
+def test_fused_adamw_agrees_with_the_for_loop_adamw_on_the_cpu():
+    """train.adamw is fused on CUDA only. torch's CPU build runs the fused AdamW too, and it agrees with the for-loop
+    AdamW to float rounding, not bit for bit (why the CPU keeps the for-loop one): after one step to 1e-7; after 10,
+    to 1% of how far the weights moved (the key biases' gradient is 0 up to rounding, which Adam scales up to lr)."""
+    assert train.adamw([torch.nn.Parameter(torch.zeros(2))], 1e-3, "cpu").defaults["fused"] is False
+    cfg = pauserec.ModelConfig(n_layer=2, n_head=2, d_model=16, reasoning="pause", num_pauses=2, dropout=0.0)
+    tok = pauserec.Tokens([4, 4], codes=torch.tensor([[i // 4, i % 4] for i in range(16)]))
+    g = torch.Generator().manual_seed(0)
+    batch = pauserec.collate([pauserec.build_sequence_example(tok, cfg, torch.randint(0, 16, (n,), generator=g)
+                                                              .tolist()) for n in (3, 6, 4)])
+
+    def trained(fused, steps):
+        torch.manual_seed(0)
+        model = pauserec.GPT(cfg, tok.size)
+        opt = torch.optim.AdamW(train.param_groups(model, 0.1), lr=1e-2, betas=(0.9, 0.98), fused=fused)
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            model.loss(*batch).backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+        return model.state_dict()
+    for steps, atol in ((1, 1e-7), (10, 1e-3)):
+        loop, fused = trained(False, steps), trained(True, steps)
+        assert any(not torch.equal(loop[k], v) for k, v in fused.items())   # two computations, not one
+        for k, v in fused.items():
+            torch.testing.assert_close(v, loop[k], rtol=1e-5, atol=atol)
