@@ -41,6 +41,8 @@ class EvalConfig:
     every: int = 0               # validate every this many training steps (0: once per epoch)
     valid_users: int = 5000      # validate on a fixed random sample of users (0: all); test always uses all
     select: str = "ndcg@10"      # the validation metric that chooses the checkpoint: recall@K | ndcg@K, K in ks
+    final_valid: str = "all"     # the chosen checkpoint's validation figures in metrics.json: all users, or the
+                                 #   valid_users sample it was chosen on (sample: a whole evaluation cheaper)
 
 
 def check_eval_config(cfg: EvalConfig):
@@ -50,6 +52,8 @@ def check_eval_config(cfg: EvalConfig):
         raise ValueError(f"eval.beam_size ({cfg.beam_size}) must be >= the largest K in eval.ks ({max(cfg.ks)})")
     if cfg.batch_size < 1:
         raise ValueError(f"eval.batch_size must be > 0, got {cfg.batch_size}")
+    if cfg.final_valid not in ("all", "sample"):
+        raise ValueError(f"eval.final_valid must be all or sample, got {cfg.final_valid!r}")
     computed = [f"{m}@{k}" for m in ("recall", "ndcg") for k in cfg.ks]
     if cfg.select not in computed:
         raise ValueError(f"eval.select={cfg.select} is not computed with eval.ks={cfg.ks}: set eval.select to one "

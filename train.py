@@ -530,7 +530,8 @@ def final_test(run: Run, training: Phase, refitting: Phase) -> dict:
     chosen = load("model_valid.pt") if refitting.total else tested
     args = (run.tok, run.mcfg, run.trie)
     run.model.load_state_dict(chosen["model"])
-    valid = evaluate.evaluate_model(run.model, *args, run.split["valid"], run.ecfg, run.device, "valid",
+    users = run.split["valid"] if run.ecfg.final_valid == "all" else run.valid   # the sample it was chosen on
+    valid = evaluate.evaluate_model(run.model, *args, users, run.ecfg, run.device, "valid",
                                     run.rank, run.world)
     run.model.load_state_dict(tested["model"])
     test = evaluate.evaluate_model(run.model, *args, run.split["test"], run.ecfg, run.device, "test",

@@ -130,6 +130,19 @@ def test_checkpoint_metric_missing_from_ks_is_refused_before_training(tmp_path):
     assert not (tmp_path / "runs").exists() and not (tmp_path / "sids").exists()
 
 
+def test_final_validation_on_the_sample_the_checkpoint_was_chosen_on(tmp_path):
+    """eval.final_valid=sample: metrics.json's validation figures are those of the eval.valid_users sample at the
+    chosen checkpoint (its best logged validation), not of every user; a bad value is a one-line error."""
+    metrics = train.main(tiny_args(tmp_path, "train.epochs=2", "eval.valid_users=40", "eval.final_valid=sample"))
+    logged = [json.loads(line) for line in (tmp_path / "runs" / "demo" / "log.jsonl").read_text().splitlines()]
+    best = [r["valid"] for r in logged if r.get("best")][-1]
+    assert metrics["valid"]["users"] == 40 and metrics["valid"]["ndcg@10"] == best["ndcg@10"]
+    every = train.main(tiny_args(tmp_path, "train.epochs=2", "eval.valid_users=40", "train.name=all"))
+    assert every["valid"]["users"] == 300 and every["test"]["ndcg@10"] == metrics["test"]["ndcg@10"]
+    with pytest.raises(ValueError, match="eval.final_valid must be all or sample"):
+        train.main(tiny_args(tmp_path, "eval.final_valid=some", "train.name=bad"))
+
+
 def test_sid_method_id_is_an_item_id_model_whose_beam_is_exact_top_k(tmp_path):
     """sid.method=id: one code per item, so the trie has one level and the beam search is a plain top-k."""
     metrics = train.main(tiny_args(tmp_path, "train.epochs=3", "sid.method=id", "model.reasoning=none",
