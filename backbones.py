@@ -338,7 +338,8 @@ def initial_rows(w, tok: Tokens, cfg: ModelConfig):
     """Initial rows [V - base, d] of our tokens from the pretrained rows w [base, d]: each the mean row, except
     that a rationale word (cot) starts as the mean of its own text tokens' rows when the folder has a tokenizer,
     so the LM reads ' brand opi' in its words from the first step; with model.sid_init=text each SID token starts
-    as the mean row of its keywords (sid_keywords: TS-Rec's SA-Init, with tf-idf in place of a teacher LLM)."""
+    as the mean row of its keywords (sid_keywords: TS-Rec's SA-Init, with tf-idf in place of a teacher LLM);
+    model.pause_init and model.bos_init move the <pause> and BOS rows (special_rows)."""
     ours = w.mean(0).expand(tok.size - tok.base, -1).clone()
     if tok.words and has_files(cfg.hf_dir, TOKENIZER_FILES):
         text = bpe.load_tokenizer(cfg.hf_dir)
@@ -348,7 +349,27 @@ def initial_rows(w, tok: Tokens, cfg: ModelConfig):
         for t, words in sid_keywords(tok, tok.item_text, cfg.sid_init_words).items():
             if words:
                 ours[t - tok.base] = w[words].mean(0)
+    special_rows(ours, w, tok, cfg)
     return ours
+
+
+PAUSE_WORD = " wait"   # model.pause_init=text: the <pause> row starts at the mean row of this word's text tokens
+
+
+def special_rows(ours, w, tok: Tokens, cfg: ModelConfig):
+    """model.pause_init=text and model.bos_init=backbone, in place on our rows ours [V - base, d]: at the mean row
+    every special starts as the same vector, so k pauses may read like k more BOS tokens (the position a pretrained LM
+    parks its attention on); a word's row (pause) or the backbone's own BOS row (bos) sets them apart."""
+    if cfg.pause_init == "text":
+        if not has_files(cfg.hf_dir, TOKENIZER_FILES):
+            raise ValueError(f"model.pause_init=text needs a tokenizer in {cfg.hf_dir} (tokenizer.json or vocab.json + "
+                             f"merges.txt)")
+        ours[tok.PAUSE - tok.base] = w[bpe.load_tokenizer(cfg.hf_dir).encode(PAUSE_WORD)].mean(0)
+    if cfg.bos_init == "backbone":
+        bos = read_config(cfg.hf_dir).get("bos_token_id")
+        if not isinstance(bos, int) or not 0 <= bos < w.shape[0]:
+            raise ValueError(f"model.bos_init=backbone needs a bos_token_id in {cfg.hf_dir}/config.json, got {bos!r}")
+        ours[tok.BOS - tok.base] = w[bos]
 
 
 def load_pretrained(model: GPT, tok: Tokens, cfg: ModelConfig):

@@ -80,6 +80,11 @@ class ModelConfig:
                                    #   of the words most typical (tf-idf) of the titles and categories of the items
                                    #   with that code (backbones.sid_keywords)
     sid_init_words: int = 8        # sid_init text: words pooled per SID code
+    pause_init: str = "mean"       # pretrained: the <pause> row starts at mean: the mean text row, like every
+                                   #   special (BOS too) | text: the mean row of the text tokens of ' wait'
+                                   #   (backbones.PAUSE_WORD), a word the LM reads, not one more BOS
+    bos_init: str = "mean"         # pretrained: our BOS row starts at mean: the mean text row | backbone: the
+                                   #   backbone's own BOS row (config.json's bos_token_id)
     init_from: str = ""            # a run folder whose model.pt starts training (stages.load_init: same SIDs, shapes)
 
     def __post_init__(self):
@@ -100,7 +105,8 @@ class ModelConfig:
                         ("pause_layout", ("target", "every_item", "last")),
                         ("pause_embeddings", ("shared", "distinct")),
                         ("backbone", ("scratch",) + BACKBONES), ("prompt", ("sids", "sids+titles")),
-                        ("sid_init", ("mean", "text"))):
+                        ("sid_init", ("mean", "text")), ("pause_init", ("mean", "text")),
+                        ("bos_init", ("mean", "backbone"))):
             if getattr(self, key) not in ok:
                 raise ValueError(f"model.{key} must be {' | '.join(ok)}, got {getattr(self, key)!r}")
         for key in ("norm_eps", "rope_theta"):
@@ -136,7 +142,7 @@ class ModelConfig:
         if self.backbone != "scratch" and not self.hf_dir:
             raise ValueError(f"model.backbone={self.backbone} needs model.hf_dir (a Hugging Face model folder)")
         pretrained_only = {"prompt": "sids", "train_only_new_tokens": False, "keep_layers": 0,
-                           "train_text_rows": False, "sid_init": "mean"}
+                           "train_text_rows": False, "sid_init": "mean", "pause_init": "mean", "bos_init": "mean"}
         if self.backbone == "scratch" and (keys := [k for k, v in pretrained_only.items() if getattr(self, k) != v]):
             raise ValueError(f"model.{keys[0]}={getattr(self, keys[0])} needs a pretrained model.backbone")
         if self.sid_init_words < 1:

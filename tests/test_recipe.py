@@ -3,6 +3,7 @@ the frozen first epochs and their resume, the SID rows' text initialisation, and
 learns what one learning rate for everything does not. The Llama folder is written by hand (no `transformers`)."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -190,6 +191,28 @@ def test_sid_rows_start_at_their_keywords_rows(llama):
     assert torch.allclose(rows[tok.PAUSE], w.mean(0))
     _, plain = tiny_model(llama)
     assert torch.allclose(plain.input_rows()[tok.sid([0, 0])[0]], w.mean(0))
+
+
+def test_pause_and_bos_rows_start_apart_from_the_mean_when_asked(llama, tmp_path):
+    """pause_init=text: the <pause> row starts at the mean row of bb.PAUSE_WORD's text tokens; bos_init=backbone: our
+    BOS row is the backbone's own (config.json's bos_token_id). By default both sit at the mean row, with the others."""
+    folder = tmp_path / "llama_bos"
+    shutil.copytree(llama, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps(dict(config, bos_token_id=1)))
+    wait = bpe.load_tokenizer(llama).encode(bb.PAUSE_WORD)
+    tok, model = tiny_model(str(folder), pause_init="text", bos_init="backbone")
+    rows, w = model.input_rows().detach(), model.transformer.wte.weight.detach()
+    assert torch.allclose(rows[tok.PAUSE], w[wait].mean(0)) and not torch.allclose(rows[tok.PAUSE], w.mean(0))
+    assert torch.equal(rows[tok.BOS], w[1])
+    assert torch.allclose(rows[tok.EOS], w.mean(0))
+    _, plain = tiny_model(str(folder))
+    assert torch.allclose(plain.input_rows()[tok.PAUSE], w.mean(0))
+    assert torch.allclose(plain.input_rows()[tok.BOS], w.mean(0))
+    with pytest.raises(ValueError, match="bos_token_id"):
+        tiny_model(llama, bos_init="backbone")                      # its config.json names no BOS
+    with pytest.raises(ValueError, match=r"model.pause_init must be mean \| text"):
+        ModelConfig(pause_init="word")
 
 
 # ----------------------------------------------------------------------------------------------- the recipe learns
