@@ -9,7 +9,8 @@ import data
 import pauserec as pr
 from model import GPT, ModelConfig
 
-spec = importlib.util.spec_from_file_location("pause_analysis", Path(__file__).parents[1] / "tools" / "pause_analysis.py")
+spec = importlib.util.spec_from_file_location("pause_analysis",
+                                              Path(__file__).parents[1] / "tools" / "pause_analysis.py")
 analysis = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(analysis)
 
