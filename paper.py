@@ -275,7 +275,7 @@ def pipeline_plan(runs, time_steps: int, tokens_per_s: float = 0.0, peak_tflops:
 def measured_rates(cfg, ds, codes, tok, examples, steps: int, device: str) -> dict:
     """A kind of run's speed here (the config's device and threads): seconds to build its model (weights loaded),
     training tokens/s over `steps` optimizer steps after a warm-up step, and for a next-item run users/s of the
-    beam search over eval.batch_size test users (at most 256). The model trains what the run trains."""
+    beam search over 4 x eval.batch_size test users (at most 1,024). The model trains what the run trains."""
     import train
     tcfg, mcfg, ecfg = cfg["train"], cfg["model"], cfg["eval"]
     t0 = time.perf_counter()
@@ -287,7 +287,7 @@ def measured_rates(cfg, ds, codes, tok, examples, steps: int, device: str) -> di
     step = sweep.optimizer_step(model, device, tcfg.weight_decay, loss_fn, tcfg.amp)
     order = train.batches(examples, tcfg.batch_size, torch.Generator().manual_seed(0), tcfg.batch_tokens)[: steps + 1]
     batches = [pauserec.collate([examples[i] for i in rows], tok.PAD) for rows in order]
-    step(*batches[0])                                    # warm-up
+    step(*batches[0])                                    # a warm-up step
     sweep.synchronize(device)
     t0 = time.perf_counter()
     for ids, loss_mask in batches[1:]:
@@ -295,10 +295,9 @@ def measured_rates(cfg, ds, codes, tok, examples, steps: int, device: str) -> di
     sweep.synchronize(device)
     tokens = sum(len(examples[i][0]) for rows in order[1:] for i in rows)
     rates = {"load_s": round(load_s, 1), "train_tokens_per_s": round(tokens / (time.perf_counter() - t0), 1)}
-    if tcfg.task == "rec":
-        model.eval()
+    if tcfg.task == "rec":   # (evaluate.recommend puts the model in eval mode)
         test = data.leave_one_out(ds.sequences, cfg["data"].max_history)["test"]
-        users = test[: min(ecfg.batch_size, 256)]
+        users = random.Random(0).sample(test, min(4 * ecfg.batch_size, 1024, len(test)))   # batched by length
         search = functools.partial(evaluate.recommend, model, tok, mcfg, pauserec.SIDTrie(codes),
                                    beam_size=ecfg.beam_size, topk=max(ecfg.ks), batch_size=ecfg.batch_size,
                                    device=device, desc=None)
@@ -359,7 +358,8 @@ def plan_training(cfg, ds, tok) -> tuple[dict, list]:
     steps, every = tcfg.epochs * per_epoch, ecfg.every or per_epoch
     sample = min(ecfg.valid_users or len(split["valid"]), len(split["valid"]))
     tests = 1 + len(evaluate.ABLATIONS) * (mcfg.reasoning == "pause")
-    users = math.ceil(steps / every) * sample + len(split["valid"]) + tests * len(split["test"])
+    final = len(split["valid"]) if ecfg.final_valid == "all" else sample   # the chosen checkpoint's validation
+    users = math.ceil(steps / every) * sample + final + tests * len(split["test"])
     per_user = ecfg.beam_size * tok.num_levels + (mcfg.max_rationale_len if mcfg.reasoning == "cot" else 0)
     prompt = statistics.fmean(len(pauserec.build_prompt(tok, mcfg, ex.history)) for ex in split["test"])
     return ({"examples": len(examples), "epochs": tcfg.epochs,
