@@ -5,16 +5,13 @@ backbone, over seeds, in one table. Each command prints one JSON object on the l
                     [--dry-run [--time-steps 3] [--tokens-per-s X]] [--time-users 256] [key=value ...]
         SID-text alignment once (train.task=align, stages.py); from it plain SFT, pause pre-training then pause SFT
         (k = model.num_pauses, 5 unless set) and CoT SFT (arm aligned); the same SFTs from the backbone as loaded
-        (arm not_aligned); the scratch decoder on the same data and layout. Every SFT trains one example per user
-        (model.pause_layout=last), as the paper does; every pause seed is tested again with its pauses knocked out
-        (hide, shuffle). Tables: valid and test R@10 and N@10 (mean ± std over seeds), training tokens and seconds,
-        latency, the probe, MostPop and Markov; the pauses knocked out. Finished runs in DIR (default
-        runs/pauserec_<config stem>) are reused. --dry-run trains nothing: each run's tokens and expected seconds
-        at rates measured here for each kind of run (device and threads of the config), or at --tokens-per-s
+        (arm not_aligned); the scratch decoder beside them. Every SFT trains one example per user, as the paper does;
+        every pause seed is tested again with its pauses hidden and shuffled. Tables: R@10 and N@10 (mean ± std over
+        seeds), cost, latency, the probe, MostPop and Markov; the pauses knocked out. Finished runs in DIR (default
+        runs/pauserec_<config stem>) are reused. --dry-run: each run's tokens and seconds at rates measured here
     python paper.py --probe RUN_DIR [--items 200] [--seed 0]
-        the paper's limitations 1 and 2, for the run's model and the backbone it started from: perplexity of an
-        item's category after its title (world knowledge kept), and how far an item's SID tokens are aligned with
-        its title (embedding cosine gap; in-context top-1 retrieval; the alignment texts as generation)
+        the paper's limitations 1 and 2 for the run's model and its backbone: perplexity of an item's category after
+        its title (world knowledge), SID/title alignment (cosine gap, in-context retrieval, generation both ways)
 """
 import argparse
 import dataclasses
@@ -249,7 +246,7 @@ def pipeline_plan(runs, time_steps: int, tokens_per_s: float = 0.0, peak_tflops:
             backbones.fetch_hf(mcfg)
         words = rationales.rationale_words(ds.item_meta, mcfg.rationale_file) if mcfg.reasoning == "cot" else []
         tok = backbones.make_tokens(mcfg, codes, words, ds.item_meta)
-        plan, examples = plan_training(cfg, ds, tok) if tcfg.task == "rec" else plan_stage(cfg, ds, tok)
+        plan, examples, order = plan_training(cfg, ds, tok) if tcfg.task == "rec" else plan_stage(cfg, ds, tok)
         plan = {"row": name, "run": slug, "wave": wave, **plan}
         kind = json.dumps([asdict(dataclasses.replace(mcfg, init_from="")), tcfg.task, tcfg.batch_size, tcfg.amp,
                            tcfg.batch_tokens, device, tcfg.threads], sort_keys=True)
@@ -257,7 +254,7 @@ def pipeline_plan(runs, time_steps: int, tokens_per_s: float = 0.0, peak_tflops:
             seconds = (plan["train_tokens"] + plan["eval_tokens"] / 3) / tokens_per_s
         else:
             if kind not in rates:   # seeds and arms of one kind of run share its rates
-                rates[kind] = measured_rates(cfg, ds, codes, tok, examples, time_steps, device)
+                rates[kind] = measured_rates(cfg, ds, codes, tok, examples, order[: time_steps + 1], device)
             plan.update(rates[kind])
             seconds = plan["load_s"] + plan["train_tokens"] / plan["train_tokens_per_s"] + \
                 (plan["eval_users"] / plan["eval_users_per_s"] if plan["eval_users"] else 0.0)
@@ -272,11 +269,10 @@ def pipeline_plan(runs, time_steps: int, tokens_per_s: float = 0.0, peak_tflops:
             "implied_mfu": round(flops * rate / (peak_tflops * 1e12), 4), "peak_tflops": peak_tflops}
 
 
-def measured_rates(cfg, ds, codes, tok, examples, steps: int, device: str) -> dict:
-    """A kind of run's speed here (the config's device and threads): seconds to build its model (weights loaded),
-    training tokens/s over `steps` optimizer steps after a warm-up step, and for a next-item run users/s of the
+def measured_rates(cfg, ds, codes, tok, examples, order, device: str) -> dict:
+    """A kind of run's speed here (the config's device, threads): seconds to build its model (weights loaded), training
+    tokens/s over the batches `order` (rows of examples; the first a warm-up), and for a next-item run users/s of the
     beam search over 4 x eval.batch_size test users (at most 1,024). The model trains what the run trains."""
-    import train
     tcfg, mcfg, ecfg = cfg["train"], cfg["model"], cfg["eval"]
     t0 = time.perf_counter()
     model = backbones.make_model(mcfg, tok).to(device)
@@ -285,7 +281,6 @@ def measured_rates(cfg, ds, codes, tok, examples, steps: int, device: str) -> di
         stages.train_only_pause_row(model, tok)
     loss_fn = pauserec.training_loss if tcfg.task == "rec" else stages.text_loss
     step = sweep.optimizer_step(model, device, tcfg.weight_decay, loss_fn, tcfg.amp)
-    order = train.batches(examples, tcfg.batch_size, torch.Generator().manual_seed(0), tcfg.batch_tokens)[: steps + 1]
     batches = [pauserec.collate([examples[i] for i in rows], tok.PAD) for rows in order]
     step(*batches[0])                                    # a warm-up step
     sweep.synchronize(device)
@@ -327,26 +322,31 @@ def model_size(cfg, tok) -> int:
     return blocks + model.head_rows().numel()
 
 
-def padding_share(examples, tcfg) -> float:
-    """Share of pad tokens in an epoch of train.batches (length-sorted within chunks, or token-budgeted)."""
+def epoch_batches(examples, tcfg) -> list[list[int]]:
+    """One epoch of train.batches (seed 0): its count is Phase's steps per epoch, its rows those the rates time."""
     import train
-    order = train.batches(examples, tcfg.batch_size, torch.Generator().manual_seed(0), tcfg.batch_tokens)
+    return train.batches(examples, tcfg.batch_size, torch.Generator().manual_seed(0), tcfg.batch_tokens)
+
+
+def padding_share(examples, order) -> float:
+    """Share of pad tokens in an epoch of batches (length-sorted within chunks, or token-budgeted)."""
     padded = sum(len(rows) * max(len(examples[i][0]) for i in rows) for rows in order)
     return round(1 - sum(len(x[0]) for x in examples) / padded, 3)
 
 
 def plan_stage(cfg, ds, tok) -> tuple[dict, list]:
-    """(a stage's plan, its training texts)."""
+    """(a stage's plan, its training texts, an epoch of their batches)."""
     tcfg = cfg["train"]
     examples = stages.stage_examples(tcfg, cfg["model"], tok, ds.item_meta)
-    epochs = tcfg.align_epochs if tcfg.task == "align" else tcfg.pause_epochs
+    epochs, order = tcfg.align_epochs if tcfg.task == "align" else tcfg.pause_epochs, epoch_batches(examples, tcfg)
     return ({"examples": len(examples), "epochs": epochs, "train_tokens": epochs * sum(len(x[0]) for x in examples),
-             "padding_share": padding_share(examples, tcfg), "eval_users": 0, "eval_tokens": 0}, examples)
+             "padding_share": padding_share(examples, order), "eval_users": 0, "eval_tokens": 0}, examples, order)
 
 
 def plan_training(cfg, ds, tok) -> tuple[dict, list]:
-    """(a next-item run's plan, its training examples): tokens as train.main counts them (no early stop): epochs,
-    then the refit; its validations (eval.valid_users at each, then all users once), the test, and for a pause run
+    """(a next-item run's plan, its training examples, an epoch of their batches): tokens as train.main counts them
+    (no early stop): epochs, then the refit; its validations (eval.valid_users at each, then the chosen checkpoint's:
+    all users, or the sample with eval.final_valid=sample), the test, and for a pause run
     the test twice more with its pauses knocked out (hide, shuffle); each user a prompt plus beam x SID tokens."""
     import train
     tcfg, mcfg, ecfg, max_history = cfg["train"], cfg["model"], cfg["eval"], cfg["data"].max_history
@@ -354,8 +354,8 @@ def plan_training(cfg, ds, tok) -> tuple[dict, list]:
     rng = random.Random(tcfg.seed)
     examples = train.training_examples(tok, mcfg, ds, split, max_history, rng)
     refit = train.training_examples(tok, mcfg, ds, split, max_history, rng, refit=True) if tcfg.refit_epochs else []
-    per_epoch = len(train.batches(examples, tcfg.batch_size, torch.Generator(), tcfg.batch_tokens))   # Phase's count
-    steps, every = tcfg.epochs * per_epoch, ecfg.every or per_epoch
+    order = epoch_batches(examples, tcfg)
+    steps, every = tcfg.epochs * len(order), ecfg.every or len(order)
     sample = min(ecfg.valid_users or len(split["valid"]), len(split["valid"]))
     tests = 1 + len(evaluate.ABLATIONS) * (mcfg.reasoning == "pause")
     final = len(split["valid"]) if ecfg.final_valid == "all" else sample   # the chosen checkpoint's validation
@@ -365,8 +365,8 @@ def plan_training(cfg, ds, tok) -> tuple[dict, list]:
     return ({"examples": len(examples), "epochs": tcfg.epochs,
              "train_tokens": tcfg.epochs * sum(len(x[0]) for x in examples)
              + tcfg.refit_epochs * sum(len(x[0]) for x in refit),
-             "padding_share": padding_share(examples, tcfg), "eval_users": users,
-             "eval_tokens": round(users * (prompt + per_user))}, examples)
+             "padding_share": padding_share(examples, order), "eval_users": users,
+             "eval_tokens": round(users * (prompt + per_user))}, examples, order)
 
 
 def print_plan(plan):
