@@ -164,7 +164,8 @@ STAGE_TRAIN_KEYS = {"align": {"task", "seed", "batch_size", "batch_tokens", "ali
                               "align_frozen_epochs", "backbone_lr_ratio", "weight_decay", "grad_clip", "warmup_steps",
                               "min_lr", "amp"},
                     "pause_pretrain": {"task", "seed", "batch_size", "batch_tokens", "pause_lr", "pause_epochs",
-                                       "pause_rate", "grad_clip", "warmup_steps", "min_lr", "amp"}}
+                                       "pause_rate", "pause_trains", "backbone_lr_ratio", "weight_decay", "grad_clip",
+                                       "warmup_steps", "min_lr", "amp"}}
 SFT_MODEL_KEYS = {"num_pauses", "pause_embeddings", "latent_steps", "pause_layout", "loss_on_history",
                   "rationale_file", "rationale_noise", "max_rationale_len", "think_pauses", "step_loss",
                   "step_loss_weight", "step_temp"}

@@ -6,7 +6,8 @@
                              loss on the side after '|' only, softmax over the whole vocabulary (text and ours)
   train.task=pause_pretrain  the same texts with <pause> inserted before a token at rate train.pause_rate; the
                              <pause> row starts at the mean of all rows (plus a tiny spread) and is the only
-                             weight trained
+                             weight trained (train.pause_trains=row, the paper's), or every weight but the text
+                             rows trains (train.pause_trains=model: the blocks learn to use the pauses)
   model.init_from=RUN_DIR    a run starts from RUN_DIR/model.pt (same SID table and shapes), so stages chain:
                              align -> plain SFT; align -> pause_pretrain -> pause SFT; align -> CoT SFT
 

@@ -75,12 +75,14 @@ class TrainConfig:
     align_frozen_epochs: int = 0  # the same for train.task=align (all align_epochs: GTI's grounding)
     # the paper's stages before SFT (stages.py; pretrained backbones, one process, no validation or test)
     task: str = "rec"            # rec: next-item training | align: SID <-> text alignment texts | pause_pretrain:
-                                 #   those texts with <pause> inserted, only the <pause> row trained
+                                 #   those texts with <pause> inserted
     align_lr: float = 1e-4       # align: peak lr (warmup_steps, cosine to min_lr)
     align_epochs: int = 3        # align: epochs over the texts
     pause_lr: float = 1e-3       # pause_pretrain: peak lr of the <pause> row
     pause_epochs: int = 2        # pause_pretrain: epochs over the texts
     pause_rate: float = 0.1      # pause_pretrain: chance of a <pause> before each token of a text
+    pause_trains: str = "row"    # pause_pretrain: row: the <pause> row alone (the paper's) | model: every weight but
+                                 #   the text rows, the backbone at backbone_lr_ratio x pause_lr (Goyal et al.'s)
 
 
 SECTIONS = {"data": data.DataConfig, "sid": sid.SIDConfig, "model": ModelConfig,
@@ -100,6 +102,8 @@ def check_train_config(cfg: TrainConfig, mcfg: ModelConfig):
             raise ValueError(f"train.{key} must be >= 0, got {getattr(cfg, key)}")
     if cfg.task not in ("rec", "align", "pause_pretrain"):
         raise ValueError(f"train.task must be rec | align | pause_pretrain, got {cfg.task!r}")
+    if cfg.pause_trains not in ("row", "model"):
+        raise ValueError(f"train.pause_trains must be row | model, got {cfg.pause_trains!r}")
     if not 0.0 <= cfg.pause_rate < 1.0:
         raise ValueError(f"train.pause_rate must be in [0, 1), got {cfg.pause_rate}")
     tuning = {"backbone_lr_ratio": 1.0, "frozen_epochs": 0, "align_frozen_epochs": 0}
@@ -351,9 +355,10 @@ def build(run: Run):
     model = run.model = backbones.make_model(run.mcfg, run.tok).to(run.device)
     if run.mcfg.init_from:   # another run's weights (a stage of the paper's pipeline)
         stages.load_init(model, run.tok, run.codes, run.mcfg.init_from)
-    pause_only = tcfg.task == "pause_pretrain"
-    if pause_only:   # the <pause> row starts at the mean of all rows and is the only weight trained
+    if tcfg.task == "pause_pretrain":   # the <pause> row starts at the mean of all rows
         stages.init_pause_row(model, run.tok, torch.Generator().manual_seed(tcfg.seed))
+    pause_only = tcfg.task == "pause_pretrain" and tcfg.pause_trains == "row"
+    if pause_only:   # ... and is the only weight trained
         stages.train_only_pause_row(model, run.tok)
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters ({trained / 1e6:.2f}M "

@@ -178,6 +178,21 @@ def test_pause_pretraining_changes_only_the_pause_row(tmp_path, llama):
     assert metrics["task"] == "pause_pretrain" and metrics["train_tokens"] > 0 and metrics["steps"] > 0
 
 
+def test_pause_pretraining_of_the_model_trains_the_blocks_and_keeps_the_text_rows(tmp_path, llama):
+    """train.pause_trains=model (Goyal et al.'s pause-pretraining): from the backbone as loaded, the blocks and our
+    rows train (the <pause> row among them), the text rows stay bit-identical."""
+    before = stage(tmp_path / "row", llama, "pause_pretrain", "train.pause_rate=0.3")
+    run = stage(tmp_path / "model", llama, "pause_pretrain", "train.pause_rate=0.3", "train.pause_trains=model")
+    before = torch.load(before / "model.pt", weights_only=True)["model"]   # only its <pause> row moved
+    after = torch.load(run / "model.pt", weights_only=True)["model"]
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert "transformer.wte.weight" not in changed and "new_rows" in changed
+    blocks = {k for k in before if k.startswith("transformer.h.")}
+    assert blocks and blocks <= changed
+    moved = (before["new_rows"] != after["new_rows"]).any(1).sum()
+    assert moved > 1                                                     # SID rows too, not just <pause>
+
+
 def test_a_stage_resumes_from_its_last_epoch(tmp_path, llama, monkeypatch):
     """A stage writes last.pt at each epoch's end: pause_pretrain stopped after its first epoch and resumed ends
     with the weights of an uninterrupted run."""
@@ -377,9 +392,11 @@ def test_a_finished_stage_is_compared_on_what_it_trains():
     align, pause = paper.stage_ignored("align"), paper.stage_ignored("pause_pretrain")
     for key in ("train.epochs", "train.lr", "train.pause_epochs", "train.pause_lr", "model.num_pauses"):
         assert key in align, key
-    for key in ("train.align_epochs", "train.align_frozen_epochs", "train.backbone_lr_ratio", "train.align_lr"):
+    for key in ("train.align_epochs", "train.align_frozen_epochs", "train.align_lr"):
         assert key not in align and key in pause, key
-    for key in ("train.pause_epochs", "train.pause_lr", "train.pause_rate"):
+    assert "train.backbone_lr_ratio" not in align
+    for key in ("train.pause_epochs", "train.pause_lr", "train.pause_rate", "train.pause_trains",
+                "train.backbone_lr_ratio"):
         assert key not in pause, key
 
 
