@@ -252,10 +252,11 @@ def hf_state_dict(raw: dict, config: dict, keep_layers: int = 0) -> dict[str, to
 def fetch_hf(mcfg: ModelConfig):
     """Fetch the files that model.hf_dir lacks from model.hf_url (e.g. a Hugging Face hub repository):
     config.json, then the first weights form the server has (a sharded checkpoint's index, then the shards
-    it names) and, for titled prompts, the first tokenizer form."""
+    it names) and, for titled prompts and rows started from words (sid_init, pause_init text), the first
+    tokenizer form."""
     folder = Path(mcfg.hf_dir)
     needs = {"weights": WEIGHT_FILES}
-    if mcfg.prompt != "sids":
+    if mcfg.prompt != "sids" or "text" in (mcfg.sid_init, mcfg.pause_init):
         needs["a tokenizer"] = TOKENIZER_FILES
     missing = [what for what, forms in needs.items() if not has_files(folder, forms)]
     has_config = (folder / "config.json").is_file()

@@ -421,7 +421,8 @@ def test_fetch_hf_folder_from_local_http_server(tmp_path):
 
 
 
-def test_fetch_hf_takes_tokenizer_json_and_the_shards_the_index_names(tmp_path):
+@pytest.mark.parametrize("needs_text", [dict(prompt="sids+titles"), dict(sid_init="text")])
+def test_fetch_hf_takes_tokenizer_json_and_the_shards_the_index_names(tmp_path, needs_text):
     hub = tmp_path / "hub"
     hub.mkdir()
     shards = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
@@ -431,7 +432,7 @@ def test_fetch_hf_takes_tokenizer_json_and_the_shards_the_index_names(tmp_path):
         (hub / name).write_text(text)
     server = serve(hub)
     try:
-        cfg = pr.ModelConfig(backbone="gpt2", hf_dir=str(tmp_path / "local"), prompt="sids+titles",
+        cfg = pr.ModelConfig(backbone="gpt2", hf_dir=str(tmp_path / "local"), **needs_text,
                              hf_url=f"http://127.0.0.1:{server.server_address[1]}")
         bb.fetch_hf(cfg)
     finally:
