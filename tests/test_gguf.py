@@ -137,6 +137,15 @@ def test_reader_refuses_other_tensor_types_and_versions_in_one_line(tmp_path):
 TINY = dict(d=32, n_head=4, n_kv=2, ff=64, n_layer=2)
 
 
+def tiny_config(vocab_size=261) -> dict:
+    """A Hugging Face config.json of TINY's shapes (write_llama_gguf's, whose vocabulary has 261 tokens)."""
+    d, n_head, n_kv, ff, n_layer = TINY.values()
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": d, "intermediate_size": ff,
+            "num_hidden_layers": n_layer, "num_attention_heads": n_head, "num_key_value_heads": n_kv,
+            "head_dim": d // n_head, "vocab_size": vocab_size, "tie_word_embeddings": True,
+            "max_position_embeddings": 256}
+
+
 def tiny_vocabulary():
     """SmolLM2's three CONTROL tokens, GPT-2's 256 byte characters and two merges ('Ġ t', 'e r')."""
     tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *bpe.bytes_to_unicode().values(), "Ġt", "er"]
@@ -195,9 +204,7 @@ def test_tiny_llama_gguf_converts_from_its_parts_as_whole_and_loads(tmp_path):
 
 
 def test_random_folder_has_the_configs_shapes_and_loads(tmp_path, capsys):
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 32,
-              "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-              "head_dim": 8, "vocab_size": 50, "tie_word_embeddings": True, "max_position_embeddings": 64}
+    config = tiny_config(vocab_size=50)
     (tmp_path / "config.json").write_text(json.dumps(config))
     g2h.main(["--random", str(tmp_path / "config.json"), str(tmp_path / "rand"), "--dtype", "bfloat16"])
     sd = bb.read_safetensors(tmp_path / "rand" / "model.safetensors")
