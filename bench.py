@@ -23,9 +23,10 @@ the last line of stdout.
         the pretrained backbone cut to each depth (model.keep_layers), trained with every weight
         (model.train_text_rows=true), with its text rows frozen (the default), and with our rows only
         (model.train_only_new_tokens=true): trained parameters, training tokens/s (real tokens, not padding) over
-        --steps optimizer steps after a warm-up step (train.amp as configured), and MFU against the torch.mm rate
-        measured here (float32; bfloat16 on CUDA). --profile DIR: a torch.profiler trace of each row's steps in DIR
-        and its top-15 ops printed
+        --steps optimizer steps after a warm-up step (fewer if the data makes fewer batches; train.amp as
+        configured), and MFU against the card's dense bf16 spec peak (H100 SXM and H200 989 TFLOP/s, A100 312, ...;
+        a card not listed and a CPU: the torch.mm rate measured here, which is printed beside it in any case).
+        --profile DIR: a torch.profiler trace of each row's steps in DIR and its top-15 ops printed
 
 Timings are medians of 3 repetitions after a warm-up; compare figures from the same run only.
 """
@@ -409,7 +410,7 @@ def main(argv):
     f.add_argument("--steps", type=int, default=5, help="timed optimizer steps per row, after one warm-up step")
     f.add_argument("--threads", type=int, default=0, help="torch threads (0: train.threads, else torch's default)")
     f.add_argument("--peak-gflops", type=float, default=0.0, help="the peak the MFU is measured against, in "
-                   "GFLOP/s (e.g. an accelerator's); 0: measure torch.mm's rate here (bfloat16 on CUDA, else float32)")
+                   "GFLOP/s; 0: the card's dense bf16 spec peak (mfu.SPEC_PEAKS), else torch.mm's rate measured here")
     f.add_argument("--settings", default="", help="a comma-separated subset of the settings, e.g. 'text rows frozen' "
                    "(default: all)")
     f.add_argument("--batch-tokens", type=int, default=0, help="token-budgeted batches of at most N padded tokens "

