@@ -191,16 +191,28 @@ def test_tiny_latent_run_trains_and_evaluate_reproduces_test(tmp_path):
 # ----------------------------------------------------------------------------------------------- host reads
 
 
+def waits_for_the_device(func, args) -> bool:
+    """Does this op read a tensor's value back to the host? item, tolist, int, float and bool of a tensor all end in
+    aten._local_scalar_dense; nonzero, masked_select and indexing with a bool mask size their output by the mask's
+    values. On a GPU each one waits for the queued work (on a CPU they run alike, so the test sees them here)."""
+    if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+                torch.ops.aten.masked_select.default):
+        return True
+    indexing = (torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default,
+                torch.ops.aten._index_put_impl_.default)
+    return func in indexing and any(t is not None and t.dtype == torch.bool for t in args[1])
+
+
 class HostReads(TorchDispatchMode):
-    """Counts, by the Python line that asked, the reads of a tensor's value back to the host: item, tolist, int,
-    float and bool of a tensor all end in aten._local_scalar_dense (on a GPU, each one waits for the queued work)."""
+    """Counts, by the Python line that asked, the ops that read a tensor's value back to the host
+    (waits_for_the_device)."""
 
     def __init__(self):
         super().__init__()
         self.where = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
+        if waits_for_the_device(func, args):
             frame = next(f for f in traceback.extract_stack()[-2::-1] if "torch" not in Path(f.filename).parts)
             self.where[f"{Path(frame.filename).name}:{frame.lineno} {frame.line}"] += 1
         return func(*args, **(kwargs or {}))
