@@ -99,7 +99,7 @@ def finetune_data(args, overrides):
     words = rationales.rationale_words(ds.item_meta, mcfg.rationale_file) if mcfg.reasoning == "cot" else []
     tok = backbones.make_tokens(mcfg, codes, words, ds.item_meta)
     batches, tokens = sweep.training_batches(tok, mcfg, ds, cfg["data"].max_history, tcfg.batch_size, args.steps + 1,
-                                       args.batch_tokens or tcfg.batch_tokens)
+                                       args.batch_tokens or tcfg.batch_tokens, tcfg.pad_to)
     if len(batches) <= args.steps:
         raise ValueError(f"bench.py finetune: the data makes {len(batches)} batches, --steps {args.steps} needs "
                          f"{args.steps + 1} (one to warm up)")

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 import yaml
 
 import backbones
+import batching
 import bpe
 import common
 import data
@@ -281,7 +282,7 @@ def measured_rates(cfg, ds, codes, tok, examples, order, device: str) -> dict:
         stages.train_only_pause_row(model, tok)
     loss_fn = pauserec.training_loss if tcfg.task == "rec" else stages.text_loss
     step = sweep.optimizer_step(model, device, tcfg.weight_decay, loss_fn, tcfg.amp)
-    batches = [pauserec.collate([examples[i] for i in rows], tok.PAD) for rows in order]
+    batches = [batching.collate([examples[i] for i in rows], tok.PAD, tcfg.pad_to) for rows in order]
     step(*batches[0])                                    # a warm-up step
     sweep.synchronize(device)
     t0 = time.perf_counter()
@@ -323,14 +324,14 @@ def model_size(cfg, tok) -> int:
 
 
 def epoch_batches(examples, tcfg) -> list[list[int]]:
-    """One epoch of train.batches (seed 0): its count is Phase's steps per epoch, its rows those the rates time."""
-    import train
-    return train.batches(examples, tcfg.batch_size, torch.Generator().manual_seed(0), tcfg.batch_tokens)
+    """One epoch of batching.batches (seed 0): its count is Phase's steps per epoch, its rows those the rates time."""
+    return batching.batches(examples, tcfg.batch_size, torch.Generator().manual_seed(0), tcfg.batch_tokens, tcfg.pad_to)
 
 
-def padding_share(examples, order) -> float:
-    """Share of pad tokens in an epoch of batches (length-sorted within chunks, or token-budgeted)."""
-    padded = sum(len(rows) * max(len(examples[i][0]) for i in rows) for rows in order)
+def padding_share(examples, order, tcfg) -> float:
+    """Share of pad tokens in an epoch of batches (length-sorted within chunks, or token-budgeted; train.pad_to)."""
+    longest = [max(len(examples[i][0]) for i in rows) for rows in order]
+    padded = sum(len(rows) * batching.padded_length(n, tcfg.pad_to) for rows, n in zip(order, longest))
     return round(1 - sum(len(x[0]) for x in examples) / padded, 3)
 
 
@@ -340,7 +341,7 @@ def plan_stage(cfg, ds, tok) -> tuple[dict, list]:
     examples = stages.stage_examples(tcfg, cfg["model"], tok, ds.item_meta)
     epochs, order = tcfg.align_epochs if tcfg.task == "align" else tcfg.pause_epochs, epoch_batches(examples, tcfg)
     return ({"examples": len(examples), "epochs": epochs, "train_tokens": epochs * sum(len(x[0]) for x in examples),
-             "padding_share": padding_share(examples, order), "eval_users": 0, "eval_tokens": 0}, examples, order)
+             "padding_share": padding_share(examples, order, tcfg), "eval_users": 0, "eval_tokens": 0}, examples, order)
 
 
 def plan_training(cfg, ds, tok) -> tuple[dict, list]:
@@ -348,12 +349,11 @@ def plan_training(cfg, ds, tok) -> tuple[dict, list]:
     (no early stop): epochs, then the refit; its validations (eval.valid_users at each, then the chosen checkpoint's:
     all users, or the sample with eval.final_valid=sample), the test, and for a pause run
     the test twice more with its pauses knocked out (hide, shuffle); each user a prompt plus beam x SID tokens."""
-    import train
     tcfg, mcfg, ecfg, max_history = cfg["train"], cfg["model"], cfg["eval"], cfg["data"].max_history
     split = data.leave_one_out(ds.sequences, max_history)
     rng = random.Random(tcfg.seed)
-    examples = train.training_examples(tok, mcfg, ds, split, max_history, rng)
-    refit = train.training_examples(tok, mcfg, ds, split, max_history, rng, refit=True) if tcfg.refit_epochs else []
+    examples = batching.training_examples(tok, mcfg, ds, split, max_history, rng)
+    refit = batching.training_examples(tok, mcfg, ds, split, max_history, rng, refit=True) if tcfg.refit_epochs else []
     order = epoch_batches(examples, tcfg)
     steps, every = tcfg.epochs * len(order), ecfg.every or len(order)
     sample = min(ecfg.valid_users or len(split["valid"]), len(split["valid"]))
@@ -365,7 +365,7 @@ def plan_training(cfg, ds, tok) -> tuple[dict, list]:
     return ({"examples": len(examples), "epochs": tcfg.epochs,
              "train_tokens": tcfg.epochs * sum(len(x[0]) for x in examples)
              + tcfg.refit_epochs * sum(len(x[0]) for x in refit),
-             "padding_share": padding_share(examples, order), "eval_users": users,
+             "padding_share": padding_share(examples, order, tcfg), "eval_users": users,
              "eval_tokens": round(users * (prompt + per_user))}, examples, order)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import yaml
 
+import batching
 import common
 import data
 import pauserec
@@ -150,15 +151,15 @@ def profile(step, batches, device, path) -> str:
     return prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=15)
 
 
-def training_batches(tok, mcfg, ds, max_history, batch_size, steps, batch_tokens=0):
+def training_batches(tok, mcfg, ds, max_history, batch_size, steps, batch_tokens=0, pad_to=0):
     """(batches, tokens): up to `steps` batches [(ids, loss_mask)] of the run's size, built as train.py builds them
-    (its examples, its shuffled length-sorted or token-budgeted batches), and each batch's real tokens (padding not
-    counted). Token-budgeted batches are cut from all the data (their rows vary), others from enough of it."""
-    import train
+    (its examples, its shuffled length-sorted or token-budgeted batches, padded to train.pad_to), and each batch's
+    real tokens (padding not counted). Token-budgeted batches are cut from all the data (their rows vary), others
+    from enough of it."""
     if not batch_tokens:
         ds = ds._replace(sequences=ds.sequences[: 4 * steps * batch_size])   # enough examples for `steps` batches
     split = data.leave_one_out(ds.sequences, max_history)
-    examples = train.training_examples(tok, mcfg, ds, split, max_history, random.Random(0))
-    order = train.batches(examples, batch_size, torch.Generator().manual_seed(0), batch_tokens)[:steps]
-    return ([pauserec.collate([examples[i] for i in rows], tok.PAD) for rows in order],
+    examples = batching.training_examples(tok, mcfg, ds, split, max_history, random.Random(0))
+    order = batching.batches(examples, batch_size, torch.Generator().manual_seed(0), batch_tokens, pad_to)[:steps]
+    return ([batching.collate([examples[i] for i in rows], tok.PAD, pad_to) for rows in order],
             [sum(len(examples[i][0]) for i in rows) for rows in order])

@@ -30,6 +30,7 @@ import yaml
 from tqdm import tqdm
 
 import backbones
+import batching
 import common
 import data
 import ddp
@@ -52,6 +53,8 @@ class TrainConfig:
     epochs: int = 40             # the cosine schedule spans all of them
     batch_size: int = 32         # training sequences per step (every_item: whole sequences, ~7 targets each)
     batch_tokens: int = 0        # > 0: batches of similar-length examples, rows x longest row <= this, not batch_size
+    pad_to: int = 0              # > 0: each batch's length padded up to a multiple of this (it must divide
+                                 #   model.max_len): a few shapes for train.compile; batch_tokens counts the padding
     lr: float = 2e-3             # AdamW peak learning rate (after warmup)
     min_lr: float = 1e-5         # cosine decay ends here
     warmup_steps: int = 200      # linear warmup from 0 to lr
@@ -95,11 +98,13 @@ def check_train_config(cfg: TrainConfig, mcfg: ModelConfig):
         if getattr(cfg, key) <= 0:
             raise ValueError(f"train.{key} must be > 0, got {getattr(cfg, key)}")
     for key in ("min_lr", "warmup_steps", "weight_decay", "patience", "threads", "refit_epochs", "backbone_lr_ratio",
-                "frozen_epochs", "align_frozen_epochs", "batch_tokens"):
+                "frozen_epochs", "align_frozen_epochs", "batch_tokens", "pad_to"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"train.{key} must be >= 0, got {getattr(cfg, key)}")
     if cfg.task not in ("rec", "align", "pause_pretrain"):
         raise ValueError(f"train.task must be rec | align | pause_pretrain, got {cfg.task!r}")
+    if cfg.pad_to and mcfg.max_len % cfg.pad_to:   # a batch padded past max_len would have no positions
+        raise ValueError(f"train.pad_to ({cfg.pad_to}) must divide model.max_len ({mcfg.max_len})")
     if not 0.0 <= cfg.pause_rate < 1.0:
         raise ValueError(f"train.pause_rate must be in [0, 1), got {cfg.pause_rate}")
     tuning = {"backbone_lr_ratio": 1.0, "frozen_epochs": 0, "align_frozen_epochs": 0}
@@ -141,60 +146,7 @@ def sid_table(cfg, ds, cache_dir: Path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Training examples: token ids and loss masks, built once
-
-def training_examples(tok, mcfg, ds, split, max_history, rng, refit=False):
-    """[(ids, loss_mask)] for the training targets of every user (refit: and the validation targets).
-
-    Layout 'every_item' trains all of a user's positions in one sequence: the training part of each
-    sequence (all but the last two items; refit: all but the last) is cut into windows of max_history + 1 items.
-    """
-    if mcfg.pause_layout == "every_item":
-        out = []
-        for seq in data.train_part(ds.sequences, "test" if refit else "valid"):
-            for end in range(len(seq), 1, -max_history):
-                out.append(pauserec.build_sequence_example(tok, mcfg, seq[max(0, end - max_history - 1):end]))
-        return out
-    targets = split["train"] + (split["valid"] if refit else [])
-    if mcfg.pause_layout == "last":   # one example per user: its last target (dict: a user's later ones win)
-        targets = list({ex.user: ex for ex in targets}.values())
-    rationale_ids = None
-    if mcfg.reasoning == "cot":
-        rationale_ids = rationales.example_rationales(tok, mcfg, targets, ds.item_meta, rng)
-    return [pauserec.build_example(tok, mcfg, ex.history, ex.target, rationale_ids[i] if rationale_ids else None)
-            for i, ex in enumerate(targets)]
-
-
-def batches(examples, batch_size, generator, batch_tokens=0):
-    """Shuffled batches of similar length (sorted within chunks of 64 batches): less padding. batch_tokens > 0:
-    token_batches instead."""
-    order = torch.randperm(len(examples), generator=generator).tolist()
-    if batch_tokens:
-        return token_batches(examples, order, batch_tokens, generator)
-    chunk = 64 * batch_size
-    out = []
-    for start in range(0, len(order), chunk):
-        part = sorted(order[start:start + chunk], key=lambda i: len(examples[i][0]))
-        out += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
-    shuffle = torch.randperm(len(out), generator=generator).tolist()
-    return [out[i] for i in shuffle]
-
-
-def token_batches(examples, order, batch_tokens, generator):
-    """Batches whose padded size (rows x longest row) is at most batch_tokens, shuffled: all examples sorted by length
-    (ties in the random order), then cut greedily. The lengths in that order are the same in every epoch, so are
-    the cuts: the number of batches is fixed (Phase.steps_per_epoch); equal-length examples mix across epochs."""
-    out, rows = [], []
-    for i in sorted(order, key=lambda i: len(examples[i][0])):   # ascending: example i is its batch's longest
-        if len(examples[i][0]) > batch_tokens:
-            raise ValueError(f"train.batch_tokens={batch_tokens} is below a training example's "
-                             f"{len(examples[i][0])} tokens")
-        if (len(rows) + 1) * len(examples[i][0]) > batch_tokens:
-            out, rows = out + [rows], []
-        rows.append(i)
-    out += [rows] if rows else []
-    return [out[i] for i in torch.randperm(len(out), generator=generator).tolist()]
-
+# The schedule
 
 def lr_at(step, total, cfg: TrainConfig):
     """Linear warmup, then cosine decay from lr to min_lr at the last step."""
@@ -296,8 +248,8 @@ def prepare(run: Run):
         return
     rng = random.Random(tcfg.seed)
     max_history = run.cfg["data"].max_history
-    run.examples = training_examples(run.tok, mcfg, ds, run.split, max_history, rng)
-    run.refit_examples = training_examples(run.tok, mcfg, ds, run.split, max_history, rng, refit=True) \
+    run.examples = batching.training_examples(run.tok, mcfg, ds, run.split, max_history, rng)
+    run.refit_examples = batching.training_examples(run.tok, mcfg, ds, run.split, max_history, rng, refit=True) \
         if tcfg.refit_epochs else []
     valid = run.split["valid"]
     if 0 < run.ecfg.valid_users < len(valid):   # a fixed sample, the same at every validation
@@ -406,8 +358,8 @@ class Phase:
         self.refit, self.counter = refit, "refit_step" if refit else "step"
         self.validates = not refit and tcfg.task == "rec"
         self.examples = run.refit_examples if refit else run.examples
-        self.steps_per_epoch = len(batches(self.examples, 0, torch.Generator(), tcfg.batch_tokens)) \
-            if tcfg.batch_tokens else math.ceil(len(self.examples) / tcfg.batch_size)   # the same every epoch
+        self.steps_per_epoch = math.ceil(len(self.examples) / tcfg.batch_size) if not tcfg.batch_tokens else \
+            len(batching.batches(self.examples, 0, torch.Generator(), tcfg.batch_tokens, tcfg.pad_to))   # every epoch's
         epochs, lr = {"rec": (tcfg.epochs, tcfg.lr), "align": (tcfg.align_epochs, tcfg.align_lr),
                       "pause_pretrain": (tcfg.pause_epochs, tcfg.pause_lr)}[tcfg.task]
         frozen = {"rec": tcfg.frozen_epochs, "align": tcfg.align_frozen_epochs, "pause_pretrain": 0}[tcfg.task]
@@ -436,8 +388,8 @@ def train_step(run: Run, phase: Phase, rows, epoch: int):
         p.requires_grad_(n - 1 >= phase.frozen_steps)
     run.train_loss.train()
     mine, weight = ddp.shard(rows, phase.examples, run.rank, run.world)   # all rows when world == 1
-    ids, loss_mask = pauserec.collate([phase.examples[i] for i in mine], run.tok.PAD)
-    ids, loss_mask = ids.to(run.device), loss_mask.to(run.device)
+    batch = batching.collate([phase.examples[i] for i in mine], run.tok.PAD, run.tcfg.pad_to)
+    ids, loss_mask = batching.to_device(batch, run.device)
     for group in run.optimizer.param_groups:
         group["lr"] = backbone_lr if group["backbone"] else lr
     with run.autocast:
@@ -490,7 +442,8 @@ def fit(run: Run, phase: Phase):
     while getattr(run, phase.counter) < phase.total and not (run.stop and not phase.refit):
         epoch, skip = divmod(getattr(run, phase.counter), phase.steps_per_epoch)
         seed = tcfg.seed * 1000 + phase.first_epoch + epoch
-        order = batches(phase.examples, tcfg.batch_size, torch.Generator().manual_seed(seed), tcfg.batch_tokens)
+        order = batching.batches(phase.examples, tcfg.batch_size, torch.Generator().manual_seed(seed),
+                                 tcfg.batch_tokens, tcfg.pad_to)
         for rows in order[skip:]:
             train_step(run, phase, rows, phase.first_epoch + epoch)
             if phase.validates and (run.step % eval_every == 0 or run.step == phase.total):

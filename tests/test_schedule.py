@@ -9,6 +9,7 @@ import pytest
 import torch
 from test_reliability import train_args
 
+import batching
 import pauserec
 import train
 
@@ -30,13 +31,13 @@ def test_lr_at_warmup_peak_and_cosine_end():
 def test_batches_cover_each_example_once_per_epoch(n, batch_size):
     r = random.Random(n)
     examples = [([0] * r.randint(2, 60), None) for _ in range(n)]
-    epochs = [train.batches(examples, batch_size, torch.Generator().manual_seed(e)) for e in range(2)]
+    epochs = [batching.batches(examples, batch_size, torch.Generator().manual_seed(e)) for e in range(2)]
     for order in epochs:
         assert sorted(i for rows in order for i in rows) == list(range(n))   # each example once
         assert all(0 < len(rows) <= batch_size for rows in order)
         assert len(order) == math.ceil(n / batch_size)   # train.py's steps_per_epoch: the resume arithmetic
     assert n <= batch_size or epochs[0] != epochs[1]       # another epoch, another order (one batch: sorted)
-    assert epochs[0] == train.batches(examples, batch_size, torch.Generator().manual_seed(0))   # replayable
+    assert epochs[0] == batching.batches(examples, batch_size, torch.Generator().manual_seed(0))   # replayable
 
 
 def ranking(metrics):
@@ -100,15 +101,15 @@ def test_token_batches_keep_the_budget_cover_each_example_once_and_keep_their_co
     (Phase.steps_per_epoch counts one epoch's)."""
     r = random.Random(n)
     examples = [([0] * r.randint(2, 60), None) for _ in range(n)]
-    epochs = [train.batches(examples, 32, torch.Generator().manual_seed(e), budget) for e in range(3)]
+    epochs = [batching.batches(examples, 32, torch.Generator().manual_seed(e), budget) for e in range(3)]
     for order in epochs:
         assert sorted(i for rows in order for i in rows) == list(range(n))   # each example once
         assert all(rows and len(rows) * max(len(examples[i][0]) for i in rows) <= budget for rows in order)
     assert len({len(order) for order in epochs}) == 1
     assert len(epochs[0]) == 1 or epochs[0] != epochs[1]   # another epoch, another order (one batch: sorted)
-    assert epochs[0] == train.batches(examples, 32, torch.Generator().manual_seed(0), budget)   # replayable
+    assert epochs[0] == batching.batches(examples, 32, torch.Generator().manual_seed(0), budget)   # replayable
     with pytest.raises(ValueError, match=r"train.batch_tokens=59 is below a training example's 60 tokens"):
-        train.batches([([0] * 60, None)], 32, torch.Generator(), 59)
+        batching.batches([([0] * 60, None)], 32, torch.Generator(), 59)
 
 
 def test_token_batches_schedule_and_resume(tmp_path, monkeypatch):
@@ -119,7 +120,7 @@ def test_token_batches_schedule_and_resume(tmp_path, monkeypatch):
     whole = train.main(train_args(tmp_path / "whole", *args))
     run = train.setup(train_args(tmp_path / "count", *args))
     train.prepare(run)
-    assert whole["steps_per_epoch"] == len(train.batches(run.examples, 32, torch.Generator(), 400)) != \
+    assert whole["steps_per_epoch"] == len(batching.batches(run.examples, 32, torch.Generator(), 400)) != \
         math.ceil(len(run.examples) / 32) and whole["steps"] == 2 * whole["steps_per_epoch"]
     killed_at_first_checkpoint(monkeypatch, train_args(tmp_path / "killed", *args))
     resumed = train.main(train_args(tmp_path / "killed", *args, "train.resume=true"))

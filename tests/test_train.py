@@ -9,6 +9,7 @@ import torch
 import yaml
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import batching
 import common
 import data
 import evaluate
@@ -111,13 +112,13 @@ def test_refit_trains_the_chosen_checkpoint_on_the_validation_targets(tmp_path):
 
     cfg, ds, codes, tok, model = evaluate.load_run(run)
     # refit examples: every user's sequence up to its validation target (the first window of each user ends there)
-    examples = train.training_examples(tok, cfg["model"], ds, None, cfg["data"].max_history, None, refit=True)
+    examples = batching.training_examples(tok, cfg["model"], ds, None, cfg["data"].max_history, None, refit=True)
     windows = [len(range(len(s) - 1, 1, -cfg["data"].max_history)) for s in ds.sequences]
     assert len(examples) == sum(windows)
     firsts = [examples[sum(windows[:u])][0] for u in range(len(ds.sequences))]
     assert all(ids[-len(tok.sid(s[-2])):] == tok.sid(s[-2]) for ids, s in zip(firsts, ds.sequences))
     split = data.leave_one_out(ds.sequences, cfg["data"].max_history)   # layout target: one example per target
-    target = train.training_examples(tok, replace(cfg["model"], pause_layout="target"), ds, split,
+    target = batching.training_examples(tok, replace(cfg["model"], pause_layout="target"), ds, split,
                                      cfg["data"].max_history, None, refit=True)
     assert len(target) == len(split["train"]) + len(split["valid"])
     again = evaluate.main([str(run)])
