@@ -126,7 +126,8 @@ def bench_finetune(args, overrides):
             row_cfg = sweep.run_config([args.config, *overrides, f"model.keep_layers={depth}", *setting])["model"]
             torch.manual_seed(tcfg.seed)
             model = backbones.make_model(row_cfg, tok).to(device)
-            steps.append(sweep.optimizer_step(model, device, tcfg.weight_decay, amp=tcfg.amp))
+            steps.append(sweep.optimizer_step(model, device, tcfg.weight_decay, amp=tcfg.amp, compile=tcfg.compile,
+                                              compile_mode=tcfg.compile_mode))
             row_of_depth.append({"depth": depth, "setting": name,
                                  "params": sum(p.numel() for p in model.parameters()),
                                  "trained_params": sum(p.numel() for p in model.parameters() if p.requires_grad),

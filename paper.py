@@ -281,7 +281,7 @@ def measured_rates(cfg, ds, codes, tok, examples, order, device: str) -> dict:
     if tcfg.task == "pause_pretrain":
         stages.train_only_pause_row(model, tok)
     loss_fn = pauserec.training_loss if tcfg.task == "rec" else stages.text_loss
-    step = sweep.optimizer_step(model, device, tcfg.weight_decay, loss_fn, tcfg.amp)
+    step = sweep.optimizer_step(model, device, tcfg.weight_decay, loss_fn, tcfg.amp, tcfg.compile, tcfg.compile_mode)
     batches = [batching.collate([examples[i] for i in rows], tok.PAD, tcfg.pad_to) for rows in order]
     step(*batches[0])                                    # a warm-up step
     sweep.synchronize(device)

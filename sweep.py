@@ -110,20 +110,24 @@ def median_seconds(fn, reps=3):
     return interleaved_medians([fn], reps)[0]
 
 
-def optimizer_step(model, device, weight_decay, loss_fn=None, amp: bool = False):
+def optimizer_step(model, device, weight_decay, loss_fn=None, amp: bool = False, compile: bool = False,
+                   compile_mode: str = "default"):
     """step(ids, loss_mask): one training step of model (forward, backward, AdamW) over the parameters that require
     grad, in train.param_groups' groups as train.py makes them: frozen weights get no gradient and no update.
     loss_fn(model, ids, loss_mask): pauserec.training_loss unless given (stages.text_loss for a stage); amp: bf16
-    autocast of the forward, as train.amp."""
+    autocast of the forward, as train.amp; compile, compile_mode: the forward compiled as train.compile compiles it
+    (the first step of each new batch shape then includes compiling). The batch is copied as train.py copies it."""
     import train
-    loss_fn = loss_fn or pauserec.training_loss
     model.train()
+    forward = train.training_forward(model, loss_fn or pauserec.training_loss, compile, compile_mode)
     opt = train.adamw(train.param_groups(model, weight_decay), 1e-4, device)
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=amp)
 
     def step(ids, loss_mask):
+        if compile and compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()   # as train.train_step
         with autocast:
-            loss = loss_fn(model, ids.to(device), loss_mask.to(device))
+            loss = forward(*batching.to_device((ids, loss_mask), device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -66,6 +66,8 @@ class TrainConfig:
     resume: bool = False         # continue runs/<name>/last.pt
     amp: bool = False            # bf16 autocast in the training forward (meant for CUDA; works on CPU)
     compile: bool = False        # torch.compile the training forward (evaluation runs uncompiled)
+    compile_mode: str = "default"  # train.compile's mode: default | reduce-overhead (CUDA graphs: needs few shapes,
+                                 #   train.pad_to) | max-autotune-no-cudagraphs
     refit_epochs: int = 4        # after choosing the checkpoint on validation, train it this many epochs more on
                                  #   sequences that keep their validation item (what the test input and the
                                  #   Markov baseline see), then test; 0: test the chosen checkpoint as it is
@@ -86,6 +88,7 @@ class TrainConfig:
     pause_rate: float = 0.1      # pause_pretrain: chance of a <pause> before each token of a text
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 SECTIONS = {"data": data.DataConfig, "sid": sid.SIDConfig, "model": ModelConfig,
             "eval": evaluate.EvalConfig, "train": TrainConfig}
 
@@ -105,6 +108,8 @@ def check_train_config(cfg: TrainConfig, mcfg: ModelConfig):
         raise ValueError(f"train.task must be rec | align | pause_pretrain, got {cfg.task!r}")
     if cfg.pad_to and mcfg.max_len % cfg.pad_to:   # a batch padded past max_len would have no positions
         raise ValueError(f"train.pad_to ({cfg.pad_to}) must divide model.max_len ({mcfg.max_len})")
+    if cfg.compile_mode not in COMPILE_MODES:
+        raise ValueError(f"train.compile_mode must be {' | '.join(COMPILE_MODES)}, got {cfg.compile_mode!r}")
     if not 0.0 <= cfg.pause_rate < 1.0:
         raise ValueError(f"train.pause_rate must be in [0, 1), got {cfg.pause_rate}")
     tuning = {"backbone_lr_ratio": 1.0, "frozen_epochs": 0, "align_frozen_epochs": 0}
@@ -169,6 +174,13 @@ class BatchLoss(torch.nn.Module):
 
     def forward(self, ids, loss_mask):
         return self.loss_fn(self.model, ids, loss_mask)
+
+
+def training_forward(model, loss_fn, compile: bool = False, mode: str = "default"):
+    """BatchLoss, compiled with train.compile (train.compile_mode): recompiled once when the batch shape first changes,
+    then with dynamic shapes (CUDA graphs record one per shape)."""
+    forward = BatchLoss(model, loss_fn)
+    return torch.compile(forward, mode=mode) if compile else forward
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,9 +327,8 @@ def build(run: Run):
     run.backbone_params = [p for g in groups if g["backbone"] for p in g["params"]]
     if tcfg.resume:
         resume_from_last(run)
-    run.train_loss = BatchLoss(model, pauserec.training_loss if tcfg.task == "rec" else stages.text_loss)
-    if tcfg.compile:
-        run.train_loss = torch.compile(run.train_loss)
+    run.train_loss = training_forward(model, pauserec.training_loss if tcfg.task == "rec" else stages.text_loss,
+                                      tcfg.compile, tcfg.compile_mode)
     if run.world > 1:
         run.train_loss = torch.nn.parallel.DistributedDataParallel(run.train_loss)
     run.autocast = torch.autocast(run.device.split(":")[0], dtype=torch.bfloat16, enabled=tcfg.amp)
@@ -392,13 +403,15 @@ def train_step(run: Run, phase: Phase, rows, epoch: int):
     ids, loss_mask = batching.to_device(batch, run.device)
     for group in run.optimizer.param_groups:
         group["lr"] = backbone_lr if group["backbone"] else lr
+    if run.tcfg.compile and run.tcfg.compile_mode == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()   # a new step: CUDA graphs may reuse the last one's outputs
     with run.autocast:
         loss = run.train_loss(ids, loss_mask)
     run.optimizer.zero_grad(set_to_none=True)
     (loss * weight).backward()
     torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.tcfg.grad_clip)
     run.optimizer.step()
-    run.last_loss = loss.detach()
+    run.last_loss = loss.detach().clone()
     real_tokens = sum(len(phase.examples[i][0]) for i in rows)  # the whole batch, on every rank
     run.tokens, run.train_tokens = run.tokens + real_tokens, run.train_tokens + real_tokens
     run.train_seconds += time.time() - t_step

@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import bench
@@ -166,18 +167,24 @@ def test_bench_finetune_rows_counts_and_flops(tmp_path):
     assert out["peak_gflops"] > 0 and out["peak_source"] == "measured fp32 matmul peak"
 
 
-def test_bench_finetune_settings_batch_tokens_and_profile(tmp_path, capsys):
-    """--settings picks the rows; --batch-tokens times token-budgeted batches (rows x longest row within it);
+def test_bench_finetune_settings_batch_tokens_and_profile(tmp_path, capsys, monkeypatch):
+    """--settings picks the rows; --batch-tokens times token-budgeted batches (rows x longest row within it, padded
+    to train.pad_to); train.compile and its mode reach the timed step (torch.compile recorded here, not run);
     --profile DIR writes a Chrome trace of each row's steps and prints its top-15 ops."""
     from test_mapping import write_llama
     write_llama(tmp_path / "llama", "LlamaForCausalLM", V=40, C=32, n_head=4, n_kv=2, ff=48, tie=True)
     overrides = [f"model.hf_dir={tmp_path / 'llama'}", "model.max_len=64", f"train.sid_cache={tmp_path / 'sids'}",
-                 "model.sid_init=mean"]
+                 "model.sid_init=mean", "train.pad_to=16", "train.compile=true",
+                 "train.compile_mode=max-autotune-no-cudagraphs"]
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module, mode: compiled.append(mode) or module)
     out = bench.main(["finetune", str(ROOT / "configs" / "demo_smollm2.yaml"), "--depths", "1", "--steps", "2",
                       "--threads", "1", "--settings", "text rows frozen", "--batch-tokens", "150",
                       "--profile", str(tmp_path / "prof"), "--profile-steps", "2", *overrides])
     assert [r["setting"] for r in out["rows"]] == ["text rows frozen"] and out["batch_tokens"] == 150
-    assert len(out["batch_shapes"]) == 2 and all(rows * longest <= 150 for rows, longest in out["batch_shapes"])
+    assert compiled == ["max-autotune-no-cudagraphs"]
+    assert len(out["batch_shapes"]) == 2 and all(rows * longest <= 150 and longest % 16 == 0
+                                                 for rows, longest in out["batch_shapes"])
     trace = out["rows"][0]["trace"]
     assert trace == str(tmp_path / "prof" / "depth1_text_rows_frozen.json")
     names = {e.get("name") for e in json.loads(Path(trace).read_text())["traceEvents"]}

@@ -209,6 +209,8 @@ BAD = {  # case: (setup(tmp, run) -> the failing call, message)
     "negative_pauses": (overrides("model.num_pauses=-1"), r"model.num_pauses must be >= 0, got -1"),
     "beam_below_k": (overrides("eval.beam_size=5"), r"eval.beam_size \(5\) must be >= the largest K .* \(10\)"),
     "bogus_device": (overrides("train.device=gpu"), r"train.device must be auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
+    "bad_compile_mode": (overrides("train.compile_mode=fast"),
+                         r"train.compile_mode must be default \| reduce-overhead \| .*, got 'fast'"),
     "device_out_of_range": (overrides("train.device=cuda:7"), r"train.device=cuda:7 but torch sees"),
     "missing_data_dir": (overrides("data.source=amazon", "data.dir={tmp}/nowhere", "data.cache_dir={tmp}/cache"),
                          r"data.dir=\S*nowhere does not exist"),

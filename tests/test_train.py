@@ -273,3 +273,46 @@ def test_fused_adamw_agrees_with_the_for_loop_adamw_on_the_cpu():
         assert any(not torch.equal(loop[k], v) for k, v in fused.items())   # two computations, not one
         for k, v in fused.items():
             torch.testing.assert_close(v, loop[k], rtol=1e-5, atol=atol)
+
+
+# ----------------------------------------------------------------------------------------------- the step's cost
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")   # torch.jit, imported by inductor
+def test_compiled_training_forward_gives_eager_loss_and_gradients():
+    """train.compile (inductor; gcc on a CPU) on a tiny pause model: the compiled forward and backward give eager's
+    loss and gradients to float rounding. Dropout 0: a compiled graph draws its own dropout masks."""
+    torch.manual_seed(0)
+    cfg = pauserec.ModelConfig(n_layer=1, n_head=2, d_model=16, reasoning="pause", num_pauses=2, dropout=0.0,
+                               pause_layout="every_item", max_len=64)
+    tok = pauserec.Tokens([4, 4], codes=torch.tensor([[i // 4, i % 4] for i in range(16)]))
+    model = pauserec.GPT(cfg, tok.size)
+    g = torch.Generator().manual_seed(0)
+    examples = [pauserec.build_sequence_example(tok, cfg, torch.randint(0, 16, (n,), generator=g).tolist())
+                for n in (2, 5, 3)]
+    batch = batching.collate(examples, tok.PAD, pad_to=16)
+
+    def loss_and_grads(forward):
+        model.zero_grad()
+        loss = forward(*batch)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+    compiled = train.training_forward(model, pauserec.training_loss, compile=True)
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
+    (got, got_grads), (want, want_grads) = loss_and_grads(compiled), loss_and_grads(train.BatchLoss(model))
+    torch.testing.assert_close(got, want)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_compile_mode_reaches_torch_compile(monkeypatch):
+    """train.compile_mode is torch.compile's mode; train.compile=false compiles nothing."""
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda module, mode: modes.append(mode) or module)
+    model = torch.nn.Linear(2, 2)
+    for mode in train.COMPILE_MODES:
+        assert isinstance(train.training_forward(model, pauserec.training_loss, True, mode), train.BatchLoss)
+    assert isinstance(train.training_forward(model, pauserec.training_loss), train.BatchLoss)
+    assert modes == list(train.COMPILE_MODES)
+
