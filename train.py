@@ -57,7 +57,11 @@ class TrainConfig:
                                  #   model.max_len): a few shapes for train.compile; batch_tokens counts the padding
     lr: float = 2e-3             # AdamW peak learning rate (after warmup)
     min_lr: float = 1e-5         # cosine decay ends here
-    warmup_steps: int = 200      # linear warmup from 0 to lr
+    warmup_steps: int = 200      # linear warmup from 0 to lr, counted in steps (Adam's moments settle per step) ..
+    max_warmup_share: float = 0.25  # .. but over at most this share of a phase's steps: token-budgeted batches
+                                 #   (thousands of tokens a step) make few steps, and a short phase (the refit, a
+                                 #   stage) would be mostly warmup. The lr stays as set (fewer, larger steps may want
+                                 #   a higher one: not measured here)
     weight_decay: float = 0.1    # AdamW decay of the matrices (weights, embeddings); none on biases, norms
     grad_clip: float = 1.0       # max gradient norm (all parameters together)
     patience: int = 0            # stop after this many validations without a better eval.select (0: never;
@@ -110,6 +114,8 @@ def check_train_config(cfg: TrainConfig, mcfg: ModelConfig):
         raise ValueError(f"train.pad_to ({cfg.pad_to}) must divide model.max_len ({mcfg.max_len})")
     if cfg.compile_mode not in COMPILE_MODES:
         raise ValueError(f"train.compile_mode must be {' | '.join(COMPILE_MODES)}, got {cfg.compile_mode!r}")
+    if not 0.0 < cfg.max_warmup_share <= 1.0:
+        raise ValueError(f"train.max_warmup_share must be in (0, 1], got {cfg.max_warmup_share}")
     if not 0.0 <= cfg.pause_rate < 1.0:
         raise ValueError(f"train.pause_rate must be in [0, 1), got {cfg.pause_rate}")
     tuning = {"backbone_lr_ratio": 1.0, "frozen_epochs": 0, "align_frozen_epochs": 0}
@@ -154,10 +160,12 @@ def sid_table(cfg, ds, cache_dir: Path):
 # The schedule
 
 def lr_at(step, total, cfg: TrainConfig):
-    """Linear warmup, then cosine decay from lr to min_lr at the last step."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    """Linear warmup over warmup_steps (at most max_warmup_share of the total), then cosine decay from lr to min_lr at
+    the last step."""
+    warmup = min(cfg.warmup_steps, math.ceil(cfg.max_warmup_share * total))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 

@@ -27,6 +27,21 @@ def test_lr_at_warmup_peak_and_cosine_end():
     assert train.lr_at(0, total, train.TrainConfig(lr=1e-3, warmup_steps=0)) == pytest.approx(1e-3)   # no warmup
 
 
+def test_warmup_takes_at_most_its_share_of_a_short_phase():
+    """Token-budgeted batches make few steps: warmup_steps counts steps (Adam's moments settle per update), at most
+    train.max_warmup_share of a phase, so that a short phase (the refit, a stage) is not all warmup; a long one keeps
+    warmup_steps as set."""
+    cfg = train.TrainConfig(lr=1e-3, min_lr=0.0, warmup_steps=50, max_warmup_share=0.25)
+    assert train.lr_at(48, 1000, cfg) < train.lr_at(49, 1000, cfg) == pytest.approx(1e-3)   # 50 of 1,000 steps
+    lrs = [train.lr_at(s, 40, cfg) for s in range(41)]                                     # 10 of 40 steps
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3) and lrs[40] == pytest.approx(0.0)
+    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10])) and all(a > b for a, b in zip(lrs[10:], lrs[11:]))
+    assert train.lr_at(0, 3, cfg) == pytest.approx(1e-3)   # ceil(0.75): one warmup step
+    for share in (0.0, 1.5):
+        with pytest.raises(ValueError, match=rf"train.max_warmup_share must be in \(0, 1\], got {share}"):
+            train.check_train_config(train.TrainConfig(max_warmup_share=share), pauserec.ModelConfig())
+
+
 @pytest.mark.parametrize("n,batch_size", [(5000, 32), (100, 7), (3, 8), (64 * 8, 8)])
 def test_batches_cover_each_example_once_per_epoch(n, batch_size):
     r = random.Random(n)
