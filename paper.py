@@ -296,7 +296,7 @@ def measured_rates(cfg, ds, codes, tok, examples, order, device: str) -> dict:
         users = random.Random(0).sample(test, min(4 * ecfg.batch_size, 1024, len(test)))   # batched by length
         search = functools.partial(evaluate.recommend, model, tok, mcfg, pauserec.SIDTrie(codes),
                                    beam_size=ecfg.beam_size, topk=max(ecfg.ks), batch_size=ecfg.batch_size,
-                                   device=device, desc=None)
+                                   device=device, desc=None, precision=ecfg.precision)
         search(test[:4])
         t0 = time.perf_counter()
         search(users)
@@ -438,7 +438,7 @@ def time_and_probe(args, rows, out_dir: Path):
             test, n = data.leave_one_out(ds.sequences, cfg["data"].max_history)["test"], args.time_users
             for batch, users in ((1, test[: max(1, n // 16)]), (n, test[:n])):
                 fn = functools.partial(evaluate.recommend, model, tok, mcfg, trie, users, ecfg.beam_size,
-                                       max(ecfg.ks), batch, args.device, None)
+                                       max(ecfg.ks), batch, args.device, None, precision=ecfg.precision)
                 timed.append((row, batch, fn, len(users)))
     for (row, batch, _, count), seconds in zip(timed, sweep.interleaved_medians([t[2] for t in timed])):
         if batch == 1:

@@ -206,6 +206,7 @@ class Run:
         self.resolved = {name: asdict(section) for name, section in cfg.items()}   # written as config.yaml
         self.step = self.refit_step = self.bad_evals = self.train_tokens = 0   # optimizer steps; tokens trained on
         self.best, self.train_seconds = -1.0, 0.0      # best validation eval.select; seconds in training steps
+        self.t_train = None                            # when the running stretch of steps began (stop_clock)
         self.stop = False                              # early stop (train.patience)
         self.tokens, self.t_log = 0, 0.0               # tokens since the last loss record, and its time
         self.last_loss = None                          # the last step's loss (a stage's metrics.json)
@@ -350,6 +351,7 @@ def build(run: Run):
 
 def checkpoint(run: Run):
     """last.pt: model, optimizer, counters and every rank's RNG state (a resumed DDP run replays them all)."""
+    stop_clock(run)
     rngs = [common.rng_state()] * run.world
     if run.world > 1:
         dist.all_gather_object(rngs, common.rng_state())
@@ -401,7 +403,8 @@ class Phase:
 def train_step(run: Run, phase: Phase, rows, epoch: int):
     """One optimizer step on rows of phase.examples; every log_every steps the loss goes to the bar and
     log.jsonl (and, when stdout is no terminal, to a printed line)."""
-    t_step, n = time.time(), getattr(run, phase.counter) + 1
+    n = getattr(run, phase.counter) + 1
+    run.t_train = run.t_train or time.time()   # the clock runs (stop_clock reads it)
     lr, backbone_lr = phase.lrs(n - 1)
     for p in run.backbone_params:   # frozen: no gradient computed, AdamW skips them (no state, no decay)
         p.requires_grad_(n - 1 >= phase.frozen_steps)
@@ -422,7 +425,6 @@ def train_step(run: Run, phase: Phase, rows, epoch: int):
     run.last_loss = loss.detach().clone()
     real_tokens = sum(len(phase.examples[i][0]) for i in rows)  # the whole batch, on every rank
     run.tokens, run.train_tokens = run.tokens + real_tokens, run.train_tokens + real_tokens
-    run.train_seconds += time.time() - t_step
     setattr(run, phase.counter, n)
     run.bar.update(1)
     if n % run.tcfg.log_every == 0:
@@ -437,8 +439,19 @@ def train_step(run: Run, phase: Phase, rows, epoch: int):
         run.tokens, run.t_log = 0, time.time()
 
 
+def stop_clock(run: Run):
+    """train_seconds: a GPU runs the steps behind the host, so the clock times stretches of steps, stopped once the
+    device has finished them (before a validation or a checkpoint, at a phase's end), not each step's host side."""
+    if run.t_train:
+        if run.device.startswith("cuda"):
+            torch.cuda.synchronize(run.device)
+        run.train_seconds += time.time() - run.t_train
+        run.t_train = None
+
+
 def validate(run: Run, epoch: int):
     """Validation users' metrics; a better eval.select saves model.pt; last.pt after every validation."""
+    stop_clock(run)
     ecfg = run.ecfg
     metrics = evaluate.evaluate_model(run.model, run.tok, run.mcfg, run.trie, run.valid, ecfg, run.device, "valid",
                                       run.rank, run.world)
@@ -473,6 +486,7 @@ def fit(run: Run, phase: Phase):
                     break
         if not phase.validates:   # the refit, a stage: last.pt at each epoch's end
             checkpoint(run)
+    stop_clock(run)
 
 
 def refit(run: Run, phase: Phase):

@@ -211,6 +211,8 @@ BAD = {  # case: (setup(tmp, run) -> the failing call, message)
     "bogus_device": (overrides("train.device=gpu"), r"train.device must be auto, cpu, cuda, cuda:N or mps, got 'gpu'"),
     "bad_compile_mode": (overrides("train.compile_mode=fast"),
                          r"train.compile_mode must be default \| reduce-overhead \| .*, got 'fast'"),
+    "bad_eval_precision": (overrides("eval.precision=fp16"),
+                           r"eval.precision must be tf32 \| bf16 \| fp32, got 'fp16'"),
     "device_out_of_range": (overrides("train.device=cuda:7"), r"train.device=cuda:7 but torch sees"),
     "missing_data_dir": (overrides("data.source=amazon", "data.dir={tmp}/nowhere", "data.cache_dir={tmp}/cache"),
                          r"data.dir=\S*nowhere does not exist"),

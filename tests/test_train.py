@@ -1,6 +1,7 @@
 import collections
 import json
 import traceback
+import types
 from dataclasses import replace
 from pathlib import Path
 
@@ -316,3 +317,16 @@ def test_compile_mode_reaches_torch_compile(monkeypatch):
     assert isinstance(train.training_forward(model, pauserec.training_loss), train.BatchLoss)
     assert modes == list(train.COMPILE_MODES)
 
+
+def test_train_seconds_wait_for_the_device(monkeypatch):
+    """stop_clock: on CUDA the steps run behind the host, so train_seconds is read only after a device synchronize
+    (a clock read at the host's end of a step would miss the queued work); once per stretch of steps, none on a CPU."""
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append((device, run.train_seconds)))
+    monkeypatch.setattr(train.time, "time", lambda: 105.0)
+    for device, want in (("cuda:0", [("cuda:0", 1.0)]), ("cpu", [])):
+        run = types.SimpleNamespace(device=device, t_train=100.0, train_seconds=1.0)
+        synced.clear()
+        train.stop_clock(run)
+        train.stop_clock(run)   # stopped: no second synchronize, nothing added
+        assert synced == want and run.train_seconds == 6.0 and run.t_train is None
