@@ -576,7 +576,7 @@ def main(argv):
                         "stages) and/or from the backbone as loaded (not_aligned), comma-separated")
     parser.add_argument("--out", default="", help="folder of the runs (default runs/pauserec_<config stem>)")
     parser.add_argument("--jobs", type=int, default=2, help="runs of one wave trained at once, as separate "
-                        "processes (each with the config's train.threads)")
+                        "processes (each with the config's train.threads; 0: its share of the cores)")
     parser.add_argument("--dry-run", action="store_true", help="each run's tokens and expected seconds; no training")
     parser.add_argument("--time-steps", type=int, default=3, help="--dry-run: timed training steps per kind of run")
     parser.add_argument("--tokens-per-s", type=float, default=0.0, help="--dry-run: assume this training rate "

@@ -1,5 +1,6 @@
 """Sweeps of train.py runs, shared by bench.py and paper.py: train them side by side, reuse the finished ones, sum
 them up over seeds; and timing in interleaved rounds (the figures of both scripts), its batches, the profiler."""
+import os
 import random
 import statistics
 import subprocess
@@ -27,9 +28,11 @@ def train_runs(args, runs):
             train.main(run_args)
         return
     pending, active = list(runs), []
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     while pending or active:
         while pending and len(active) < args.jobs:
             _, slug, run_args = pending.pop(0)
+            run_args = job_threads(run_args, args.jobs, cpus)
             log = Path(args.out) / f"{slug}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
             with log.open("w") as out:   # the child holds its own copy of the file
@@ -42,6 +45,15 @@ def train_runs(args, runs):
             if proc.returncode:
                 sys.exit(f"training failed (exit {proc.returncode}), see {log}")
             print(f"done: {log}", flush=True)
+
+
+def job_threads(run_args, jobs: int, cpus: int) -> list[str]:
+    """The train.py arguments of a run trained beside jobs - 1 others: where its config leaves train.threads at 0
+    (torch's default, every core in every process), it gets its share of the cpus cores, so that runs side by side
+    (on the CPU, or several on one GPU, each fed by its host thread) do not oversubscribe them."""
+    if jobs == 1 or run_config(run_args)["train"].threads:
+        return run_args
+    return [*run_args, f"train.threads={max(1, cpus // jobs)}"]
 
 
 def mean_std(values):

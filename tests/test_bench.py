@@ -195,3 +195,15 @@ def test_bench_finetune_settings_batch_tokens_and_profile(tmp_path, capsys, monk
     assert 15 + 4 <= len(table.strip().splitlines()) <= 15 + 6          # the title, header lines and 15 ops
     with pytest.raises(ValueError, match="unknown setting 'frozen'"):
         bench.main(["finetune", "c.yaml", "--settings", "frozen"])
+
+
+def test_runs_side_by_side_share_the_cores():
+    """paper.py --jobs N (sweep.train_runs): a run whose config leaves train.threads at 0 (torch's default: every
+    core, in every process) gets cpus // N threads, at least 1; a config's own threads, and --jobs 1, are kept."""
+    demo, smollm2 = str(ROOT / "configs" / "demo.yaml"), str(ROOT / "configs" / "demo_smollm2.yaml")   # 0, 1
+    assert sweep.job_threads([demo, "train.epochs=1"], 4, 16) == [demo, "train.epochs=1", "train.threads=4"]
+    assert sweep.job_threads([demo], 3, 16) == [demo, "train.threads=5"]
+    assert sweep.job_threads([demo], 4, 2) == [demo, "train.threads=1"]
+    assert sweep.job_threads([demo], 1, 16) == [demo]
+    assert sweep.job_threads([smollm2], 4, 16) == [smollm2]
+    assert sweep.job_threads([demo, "train.threads=2"], 4, 16) == [demo, "train.threads=2"]
