@@ -43,6 +43,8 @@ class EvalConfig:
     select: str = "ndcg@10"      # the validation metric that chooses the checkpoint: recall@K | ndcg@K, K in ks
     final_valid: str = "all"     # the chosen checkpoint's validation figures in metrics.json: all users, or the
                                  #   valid_users sample it was chosen on (sample: a whole evaluation cheaper)
+    precision: str = "tf32"      # the beam search's arithmetic on CUDA: tf32 (float32, matmuls on TF32 tensor cores)
+                                 #   | bf16 (autocast) | fp32; elsewhere float32 whatever this says
 
 
 def check_eval_config(cfg: EvalConfig):
@@ -54,6 +56,8 @@ def check_eval_config(cfg: EvalConfig):
         raise ValueError(f"eval.batch_size must be > 0, got {cfg.batch_size}")
     if cfg.final_valid not in ("all", "sample"):
         raise ValueError(f"eval.final_valid must be all or sample, got {cfg.final_valid!r}")
+    if cfg.precision not in ("tf32", "bf16", "fp32"):
+        raise ValueError(f"eval.precision must be tf32 | bf16 | fp32, got {cfg.precision!r}")
     computed = [f"{m}@{k}" for m in ("recall", "ndcg") for k in cfg.ks]
     if cfg.select not in computed:
         raise ValueError(f"eval.select={cfg.select} is not computed with eval.ks={cfg.ks}: set eval.select to one "
@@ -202,10 +206,29 @@ def ablation(model, tok, cfg, trie, split, how: str) -> dict:
 # ----------------------------------------------------------------------------------------------
 # The model: constrained beam search over the SID trie, batched over users
 
+@contextmanager
+def eval_precision(name: str, device):
+    """The arithmetic of an evaluation on CUDA (eval.precision): tf32: float32 tensors, matmuls on TF32 tensor cores
+    (products of inputs rounded to 10 mantissa bits, sums in float32); bf16: autocast; fp32. On any other device
+    float32 whatever the name: a CPU's figures, and the tests' beam search = exhaustive scoring, stay as they were."""
+    if not str(device).startswith("cuda") or name == "fp32":
+        yield
+    elif name == "bf16":
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            yield
+    else:
+        before = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("high")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(before)
+
+
 def recommend(model, tok, mcfg, trie, examples, beam_size: int, topk: int, batch_size: int,
-              device="cpu", desc="beam search", ablate=""):
+              device="cpu", desc="beam search", ablate="", precision="fp32"):
     """Top-k items [U, topk] for each example's history, in the examples' order. desc=None: no progress bar.
-    ablate: hide | shuffle the pauses before the SID (ablated_prefill)."""
+    ablate: hide | shuffle the pauses before the SID (ablated_prefill); precision: eval.precision (eval_precision)."""
     prefill = partial(ablated_prefill, how=ablate) if ablate else pauserec.prefill
     prompts = [pauserec.build_prompt(tok, mcfg, ex.history) for ex in examples]
     # Batches of similar prompt length waste less compute on padding (which never changes results).
@@ -214,8 +237,9 @@ def recommend(model, tok, mcfg, trie, examples, beam_size: int, topk: int, batch
     model.eval()
     for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, disable=None if desc else True):
         rows = order[start:start + batch_size]
-        items, _ = pauserec.beam_search(model, tok, mcfg, trie, [prompts[u] for u in rows],
-                                        beam_size=beam_size, topk=topk, device=device, prefill=prefill)
+        with eval_precision(precision, device):
+            items, _ = pauserec.beam_search(model, tok, mcfg, trie, [prompts[u] for u in rows],
+                                            beam_size=beam_size, topk=topk, device=device, prefill=prefill)
         ranked[rows] = items.cpu()
     return ranked
 
@@ -226,7 +250,7 @@ def evaluate_model(model, tok, mcfg, trie, examples, cfg: EvalConfig, device="cp
     rankings are gathered, so every rank computes the same metrics (and early-stops alike)."""
     t0 = time.time()
     ranked = recommend(model, tok, mcfg, trie, examples[rank::world], cfg.beam_size, max(cfg.ks),
-                       cfg.batch_size, device, desc if rank == 0 else None, ablate)
+                       cfg.batch_size, device, desc if rank == 0 else None, ablate, cfg.precision)
     if world > 1:
         shards = [None] * world
         dist.all_gather_object(shards, ranked)

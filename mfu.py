@@ -125,7 +125,7 @@ def finetune_data(args, overrides):
     words = rationales.rationale_words(ds.item_meta, mcfg.rationale_file) if mcfg.reasoning == "cot" else []
     tok = backbones.make_tokens(mcfg, codes, words, ds.item_meta)
     batches, tokens = sweep.training_batches(tok, mcfg, ds, cfg["data"].max_history, tcfg.batch_size, args.steps + 1,
-                                       args.batch_tokens or tcfg.batch_tokens)
+                                       args.batch_tokens or tcfg.batch_tokens, tcfg.pad_to)
     if len(batches) < 2:
         raise ValueError(f"bench.py finetune: the data makes {len(batches)} batch, and a timed step needs 2 (one to "
                          f"warm up)")
@@ -157,7 +157,8 @@ def bench_finetune(args, overrides):
             row_cfg = sweep.run_config([args.config, *overrides, f"model.keep_layers={depth}", *setting])["model"]
             torch.manual_seed(tcfg.seed)
             model = backbones.make_model(row_cfg, tok).to(device)
-            steps.append(sweep.optimizer_step(model, device, tcfg.weight_decay, amp=tcfg.amp))
+            steps.append(sweep.optimizer_step(model, device, tcfg.weight_decay, amp=tcfg.amp, compile=tcfg.compile,
+                                              compile_mode=tcfg.compile_mode))
             row_of_depth.append({"depth": depth, "setting": name,
                                  "params": sum(p.numel() for p in model.parameters()),
                                  "trained_params": sum(p.numel() for p in model.parameters() if p.requires_grad),

@@ -221,12 +221,17 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:   # rotated before the cache stores k: cached keys carry their own positions
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if Hkv < H:   # grouped-query attention: each k/v head serves H / Hkv query heads. Repeated here, so the
-            # cache stays plain multi-head, at H / Hkv times the cache memory strictly needed
+        # grouped-query attention: each k/v head serves H / Hkv query heads. Without a cache, SDPA pairs them itself
+        # (enable_gqa) except in float32 on CUDA, whose memory-efficient kernel takes no GQA (it would fall back to
+        # the math kernel). Elsewhere they are repeated, so the cache stays plain multi-head (at H / Hkv times the
+        # cache memory strictly needed)
+        gqa = Hkv < H and cache is None and not (q.is_cuda and q.dtype == torch.float32)
+        if Hkv < H and not gqa:
             k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
         p = self.dropout if self.training else 0.0
         if cache is None:   # mask None: the is_causal fast path used in training
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=p)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, dropout_p=p,
+                                               enable_gqa=gqa)
         else:
             y = cache.attend(layer, q, k, v, mask, p)
         y = y.transpose(1, 2).reshape(N, T, H * Dh)
@@ -285,6 +290,13 @@ def draft_targets(ids, loss_mask, pause_id: int):
     return where, ids.gather(1, first)
 
 
+def masked_cross_entropy(logits, target, mask):
+    """Mean cross-entropy of logits [n, V'] against target [n] where mask [n] is True (0 when it is nowhere): a sum
+    with the other rows ignored, divided on the device, so no count is read back to the host."""
+    ignored = target.masked_fill(~mask, -100)
+    return F.cross_entropy(logits, ignored, ignore_index=-100, reduction="sum") / mask.sum().clamp(min=1)
+
+
 def split_rows(module, state, prefix, *_):
     """Load hook of a pretrained GPT: a checkpoint whose wte (lm_head) holds all V rows [V, d] has them split
     into the text rows [base, d] and new_rows (new_head_rows) [V - base, d], as the model keeps them."""
@@ -317,6 +329,7 @@ class GPT(nn.Module):
         self.cfg = cfg = cfg.resolved()
         self.pause_id = base + PAUSE
         self.head_start = base if cfg.head == "new" else 0   # logit j is token head_start + j
+        self.every_position = not base or cfg.head == "new"   # loss: a small head takes logits at every position
         rows = base or vocab_size
         modules = dict(wte=nn.Embedding(rows, cfg.d_model))
         if cfg.pos == "learned":
@@ -466,21 +479,30 @@ class GPT(nn.Module):
         return F.embedding(slot, F.pad(self.pause_slots, (0, 0, 1, 0)))
 
     def loss(self, ids, loss_mask):
-        """Mean cross-entropy over the supervised tokens of examples ids [N, T] (loss_mask [N, T] True where
-        ids is a target); logits are computed only where a target is. step_loss draft adds its positions'
-        weighted mean cross-entropy (draft_targets). Latent mode: pauserec.training_loss."""
+        """Mean cross-entropy over the supervised tokens of examples ids [N, T] (loss_mask [N, T] True where ids is
+        a target); step_loss draft adds its positions' weighted mean cross-entropy (draft_targets). Latent mode:
+        pauserec.training_loss.
+
+        A head over a few hundred rows (ours: model.head=new; a scratch model's whole small vocabulary) takes logits
+        at every position, [N, T-1, V'], the others ignored in the sums (masked_cross_entropy): the shapes are the
+        batch's and nothing is read back to the host, so the device never waits for it. A head over a pretrained
+        text vocabulary (head full on a backbone: 49k+ rows) takes them only where a target is, [n, V']: a boolean
+        index (a host sync) instead of the head's matmul and softmax at every position."""
         if self.cfg.reasoning == "latent":
             raise ValueError("model.reasoning=latent trains through the latent steps: use pauserec.training_loss")
-        sel = loss_mask[:, 1:]                        # position i predicts ids[:, i + 1]
-        if self.cfg.step_loss != "draft":
-            logits = self(ids[:, :-1], where=sel)    # [n_supervised, V - head_start]
-            return F.cross_entropy(logits.float(), ids[:, 1:][sel] - self.head_start)
-        draft, first = draft_targets(ids, loss_mask, self.pause_id)
-        both = sel | draft                            # disjoint: a draft position's next token is a pause
-        logits = self(ids[:, :-1], where=both).float()   # [n_sid + n_draft, V'], rows in position order
-        target = torch.where(sel, ids[:, 1:], first)[both] - self.head_start
-        is_sid = sel[both]
-        loss = F.cross_entropy(logits[is_sid], target[is_sid])
-        if bool(draft.any()):
-            loss = loss + self.cfg.step_loss_weight * F.cross_entropy(logits[~is_sid], target[~is_sid])
+        sel = loss_mask[:, 1:]                        # [N, T-1] position i predicts ids[:, i + 1]
+        target = ids[:, 1:] - self.head_start         # [N, T-1] the logit index of the next token
+        draft = torch.zeros_like(sel)
+        if self.cfg.step_loss == "draft":   # disjoint from sel: a draft position's next token is a pause
+            draft, first = draft_targets(ids, loss_mask, self.pause_id)
+            target = torch.where(draft, first - self.head_start, target)
+        if self.every_position:
+            logits = self(ids[:, :-1])                # [N, T-1, V']
+        else:
+            where = sel | draft
+            logits, target, sel, draft = self(ids[:, :-1], where=where), target[where], sel[where], draft[where]
+        logits, target = logits.flatten(0, -2).float(), target.flatten()
+        loss = masked_cross_entropy(logits, target, sel.flatten())
+        if self.cfg.step_loss == "draft":
+            loss = loss + self.cfg.step_loss_weight * masked_cross_entropy(logits, target, draft.flatten())
         return loss

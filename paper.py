@@ -30,6 +30,7 @@ import torch.nn.functional as F
 import yaml
 
 import backbones
+import batching
 import bpe
 import common
 import data
@@ -281,8 +282,8 @@ def measured_rates(cfg, ds, codes, tok, examples, order, device: str) -> dict:
     if tcfg.task == "pause_pretrain":
         stages.train_only_pause_row(model, tok)
     loss_fn = pauserec.training_loss if tcfg.task == "rec" else stages.text_loss
-    step = sweep.optimizer_step(model, device, tcfg.weight_decay, loss_fn, tcfg.amp)
-    batches = [pauserec.collate([examples[i] for i in rows], tok.PAD) for rows in order]
+    step = sweep.optimizer_step(model, device, tcfg.weight_decay, loss_fn, tcfg.amp, tcfg.compile, tcfg.compile_mode)
+    batches = [batching.collate([examples[i] for i in rows], tok.PAD, tcfg.pad_to) for rows in order]
     step(*batches[0])                                    # a warm-up step
     sweep.synchronize(device)
     t0 = time.perf_counter()
@@ -296,7 +297,7 @@ def measured_rates(cfg, ds, codes, tok, examples, order, device: str) -> dict:
         users = random.Random(0).sample(test, min(4 * ecfg.batch_size, 1024, len(test)))   # batched by length
         search = functools.partial(evaluate.recommend, model, tok, mcfg, pauserec.SIDTrie(codes),
                                    beam_size=ecfg.beam_size, topk=max(ecfg.ks), batch_size=ecfg.batch_size,
-                                   device=device, desc=None)
+                                   device=device, desc=None, precision=ecfg.precision)
         search(test[:4])
         t0 = time.perf_counter()
         search(users)
@@ -324,14 +325,14 @@ def model_size(cfg, tok) -> int:
 
 
 def epoch_batches(examples, tcfg) -> list[list[int]]:
-    """One epoch of train.batches (seed 0): its count is Phase's steps per epoch, its rows those the rates time."""
-    import train
-    return train.batches(examples, tcfg.batch_size, torch.Generator().manual_seed(0), tcfg.batch_tokens)
+    """One epoch of batching.batches (seed 0): its count is Phase's steps per epoch, its rows those the rates time."""
+    return batching.batches(examples, tcfg.batch_size, torch.Generator().manual_seed(0), tcfg.batch_tokens, tcfg.pad_to)
 
 
-def padding_share(examples, order) -> float:
-    """Share of pad tokens in an epoch of batches (length-sorted within chunks, or token-budgeted)."""
-    padded = sum(len(rows) * max(len(examples[i][0]) for i in rows) for rows in order)
+def padding_share(examples, order, tcfg) -> float:
+    """Share of pad tokens in an epoch of batches (length-sorted within chunks, or token-budgeted; train.pad_to)."""
+    longest = [max(len(examples[i][0]) for i in rows) for rows in order]
+    padded = sum(len(rows) * batching.padded_length(n, tcfg.pad_to) for rows, n in zip(order, longest))
     return round(1 - sum(len(x[0]) for x in examples) / padded, 3)
 
 
@@ -341,7 +342,7 @@ def plan_stage(cfg, ds, tok) -> tuple[dict, list]:
     examples = stages.stage_examples(tcfg, cfg["model"], tok, ds.item_meta)
     epochs, order = tcfg.align_epochs if tcfg.task == "align" else tcfg.pause_epochs, epoch_batches(examples, tcfg)
     return ({"examples": len(examples), "epochs": epochs, "train_tokens": epochs * sum(len(x[0]) for x in examples),
-             "padding_share": padding_share(examples, order), "eval_users": 0, "eval_tokens": 0}, examples, order)
+             "padding_share": padding_share(examples, order, tcfg), "eval_users": 0, "eval_tokens": 0}, examples, order)
 
 
 def plan_training(cfg, ds, tok) -> tuple[dict, list]:
@@ -349,12 +350,11 @@ def plan_training(cfg, ds, tok) -> tuple[dict, list]:
     (no early stop): epochs, then the refit; its validations (eval.valid_users at each, then the chosen checkpoint's:
     all users, or the sample with eval.final_valid=sample), the test, and for a pause run
     the test twice more with its pauses knocked out (hide, shuffle); each user a prompt plus beam x SID tokens."""
-    import train
     tcfg, mcfg, ecfg, max_history = cfg["train"], cfg["model"], cfg["eval"], cfg["data"].max_history
     split = data.leave_one_out(ds.sequences, max_history)
     rng = random.Random(tcfg.seed)
-    examples = train.training_examples(tok, mcfg, ds, split, max_history, rng)
-    refit = train.training_examples(tok, mcfg, ds, split, max_history, rng, refit=True) if tcfg.refit_epochs else []
+    examples = batching.training_examples(tok, mcfg, ds, split, max_history, rng)
+    refit = batching.training_examples(tok, mcfg, ds, split, max_history, rng, refit=True) if tcfg.refit_epochs else []
     order = epoch_batches(examples, tcfg)
     steps, every = tcfg.epochs * len(order), ecfg.every or len(order)
     sample = min(ecfg.valid_users or len(split["valid"]), len(split["valid"]))
@@ -366,7 +366,7 @@ def plan_training(cfg, ds, tok) -> tuple[dict, list]:
     return ({"examples": len(examples), "epochs": tcfg.epochs,
              "train_tokens": tcfg.epochs * sum(len(x[0]) for x in examples)
              + tcfg.refit_epochs * sum(len(x[0]) for x in refit),
-             "padding_share": padding_share(examples, order), "eval_users": users,
+             "padding_share": padding_share(examples, order, tcfg), "eval_users": users,
              "eval_tokens": round(users * (prompt + per_user))}, examples, order)
 
 
@@ -439,7 +439,7 @@ def time_and_probe(args, rows, out_dir: Path):
             test, n = data.leave_one_out(ds.sequences, cfg["data"].max_history)["test"], args.time_users
             for batch, users in ((1, test[: max(1, n // 16)]), (n, test[:n])):
                 fn = functools.partial(evaluate.recommend, model, tok, mcfg, trie, users, ecfg.beam_size,
-                                       max(ecfg.ks), batch, args.device, None)
+                                       max(ecfg.ks), batch, args.device, None, precision=ecfg.precision)
                 timed.append((row, batch, fn, len(users)))
     for (row, batch, _, count), seconds in zip(timed, sweep.interleaved_medians([t[2] for t in timed])):
         if batch == 1:
@@ -577,7 +577,7 @@ def main(argv):
                         "stages) and/or from the backbone as loaded (not_aligned), comma-separated")
     parser.add_argument("--out", default="", help="folder of the runs (default runs/pauserec_<config stem>)")
     parser.add_argument("--jobs", type=int, default=2, help="runs of one wave trained at once, as separate "
-                        "processes (each with the config's train.threads)")
+                        "processes (each with the config's train.threads; 0: its share of the cores)")
     parser.add_argument("--dry-run", action="store_true", help="each run's tokens and expected seconds; no training")
     parser.add_argument("--time-steps", type=int, default=3, help="--dry-run: timed training steps per kind of run")
     parser.add_argument("--tokens-per-s", type=float, default=0.0, help="--dry-run: assume this training rate "

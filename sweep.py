@@ -1,5 +1,6 @@
 """Sweeps of train.py runs, shared by bench.py and paper.py: train them side by side, reuse the finished ones, sum
 them up over seeds; and timing in interleaved rounds (the figures of both scripts), its batches, the profiler."""
+import os
 import random
 import statistics
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 import torch
 import yaml
 
+import batching
 import common
 import data
 import pauserec
@@ -26,9 +28,11 @@ def train_runs(args, runs):
             train.main(run_args)
         return
     pending, active = list(runs), []
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     while pending or active:
         while pending and len(active) < args.jobs:
             _, slug, run_args = pending.pop(0)
+            run_args = job_threads(run_args, args.jobs, cpus)
             log = Path(args.out) / f"{slug}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
             with log.open("w") as out:   # the child holds its own copy of the file
@@ -41,6 +45,15 @@ def train_runs(args, runs):
             if proc.returncode:
                 sys.exit(f"training failed (exit {proc.returncode}), see {log}")
             print(f"done: {log}", flush=True)
+
+
+def job_threads(run_args, jobs: int, cpus: int) -> list[str]:
+    """The train.py arguments of a run trained beside jobs - 1 others: where its config leaves train.threads at 0
+    (torch's default, every core in every process), it gets its share of the cpus cores, so that runs side by side
+    (on the CPU, or several on one GPU, each fed by its host thread) do not oversubscribe them."""
+    if jobs == 1 or run_config(run_args)["train"].threads:
+        return run_args
+    return [*run_args, f"train.threads={max(1, cpus // jobs)}"]
 
 
 def mean_std(values):
@@ -109,20 +122,24 @@ def median_seconds(fn, reps=3):
     return interleaved_medians([fn], reps)[0]
 
 
-def optimizer_step(model, device, weight_decay, loss_fn=None, amp: bool = False):
+def optimizer_step(model, device, weight_decay, loss_fn=None, amp: bool = False, compile: bool = False,
+                   compile_mode: str = "default"):
     """step(ids, loss_mask): one training step of model (forward, backward, AdamW) over the parameters that require
     grad, in train.param_groups' groups as train.py makes them: frozen weights get no gradient and no update.
     loss_fn(model, ids, loss_mask): pauserec.training_loss unless given (stages.text_loss for a stage); amp: bf16
-    autocast of the forward, as train.amp."""
+    autocast of the forward, as train.amp; compile, compile_mode: the forward compiled as train.compile compiles it
+    (the first step of each new batch shape then includes compiling). The batch is copied as train.py copies it."""
     import train
-    loss_fn = loss_fn or pauserec.training_loss
     model.train()
+    forward = train.training_forward(model, loss_fn or pauserec.training_loss, compile, compile_mode)
     opt = train.adamw(train.param_groups(model, weight_decay), 1e-4, device)
     autocast = torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=amp)
 
     def step(ids, loss_mask):
+        if compile and compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()   # as train.train_step
         with autocast:
-            loss = loss_fn(model, ids.to(device), loss_mask.to(device))
+            loss = forward(*batching.to_device((ids, loss_mask), device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -150,15 +167,15 @@ def profile(step, batches, device, path) -> str:
     return prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=15)
 
 
-def training_batches(tok, mcfg, ds, max_history, batch_size, steps, batch_tokens=0):
+def training_batches(tok, mcfg, ds, max_history, batch_size, steps, batch_tokens=0, pad_to=0):
     """(batches, tokens): up to `steps` batches [(ids, loss_mask)] of the run's size, built as train.py builds them
-    (its examples, its shuffled length-sorted or token-budgeted batches), and each batch's real tokens (padding not
-    counted). Token-budgeted batches are cut from all the data (their rows vary), others from enough of it."""
-    import train
+    (its examples, its shuffled length-sorted or token-budgeted batches, padded to train.pad_to), and each batch's
+    real tokens (padding not counted). Token-budgeted batches are cut from all the data (their rows vary), others
+    from enough of it."""
     if not batch_tokens:
         ds = ds._replace(sequences=ds.sequences[: 4 * steps * batch_size])   # enough examples for `steps` batches
     split = data.leave_one_out(ds.sequences, max_history)
-    examples = train.training_examples(tok, mcfg, ds, split, max_history, random.Random(0))
-    order = train.batches(examples, batch_size, torch.Generator().manual_seed(0), batch_tokens)[:steps]
-    return ([pauserec.collate([examples[i] for i in rows], tok.PAD) for rows in order],
+    examples = batching.training_examples(tok, mcfg, ds, split, max_history, random.Random(0))
+    order = batching.batches(examples, batch_size, torch.Generator().manual_seed(0), batch_tokens, pad_to)[:steps]
+    return ([batching.collate([examples[i] for i in rows], tok.PAD, pad_to) for rows in order],
             [sum(len(examples[i][0]) for i in rows) for rows in order])

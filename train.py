@@ -30,6 +30,7 @@ import yaml
 from tqdm import tqdm
 
 import backbones
+import batching
 import common
 import data
 import ddp
@@ -52,9 +53,15 @@ class TrainConfig:
     epochs: int = 40             # the cosine schedule spans all of them
     batch_size: int = 32         # training sequences per step (every_item: whole sequences, ~7 targets each)
     batch_tokens: int = 0        # > 0: batches of similar-length examples, rows x longest row <= this, not batch_size
+    pad_to: int = 0              # > 0: each batch's length padded up to a multiple of this (it must divide
+                                 #   model.max_len): a few shapes for train.compile; batch_tokens counts the padding
     lr: float = 2e-3             # AdamW peak learning rate (after warmup)
     min_lr: float = 1e-5         # cosine decay ends here
-    warmup_steps: int = 200      # linear warmup from 0 to lr
+    warmup_steps: int = 200      # linear warmup from 0 to lr, counted in steps (Adam's moments settle per step) ..
+    max_warmup_share: float = 0.25  # .. but over at most this share of a phase's steps: token-budgeted batches
+                                 #   (thousands of tokens a step) make few steps, and a short phase (the refit, a
+                                 #   stage) would be mostly warmup. The lr stays as set (fewer, larger steps may want
+                                 #   a higher one: not measured here)
     weight_decay: float = 0.1    # AdamW decay of the matrices (weights, embeddings); none on biases, norms
     grad_clip: float = 1.0       # max gradient norm (all parameters together)
     patience: int = 0            # stop after this many validations without a better eval.select (0: never;
@@ -63,6 +70,8 @@ class TrainConfig:
     resume: bool = False         # continue runs/<name>/last.pt
     amp: bool = False            # bf16 autocast in the training forward (meant for CUDA; works on CPU)
     compile: bool = False        # torch.compile the training forward (evaluation runs uncompiled)
+    compile_mode: str = "default"  # train.compile's mode: default | reduce-overhead (CUDA graphs: needs few shapes,
+                                 #   train.pad_to) | max-autotune-no-cudagraphs
     refit_epochs: int = 4        # after choosing the checkpoint on validation, train it this many epochs more on
                                  #   sequences that keep their validation item (what the test input and the
                                  #   Markov baseline see), then test; 0: test the chosen checkpoint as it is
@@ -85,6 +94,7 @@ class TrainConfig:
                                  #   the text rows, the backbone at backbone_lr_ratio x pause_lr (Goyal et al.'s)
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 SECTIONS = {"data": data.DataConfig, "sid": sid.SIDConfig, "model": ModelConfig,
             "eval": evaluate.EvalConfig, "train": TrainConfig}
 
@@ -97,13 +107,19 @@ def check_train_config(cfg: TrainConfig, mcfg: ModelConfig):
         if getattr(cfg, key) <= 0:
             raise ValueError(f"train.{key} must be > 0, got {getattr(cfg, key)}")
     for key in ("min_lr", "warmup_steps", "weight_decay", "patience", "threads", "refit_epochs", "backbone_lr_ratio",
-                "frozen_epochs", "align_frozen_epochs", "batch_tokens"):
+                "frozen_epochs", "align_frozen_epochs", "batch_tokens", "pad_to"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"train.{key} must be >= 0, got {getattr(cfg, key)}")
     if cfg.task not in ("rec", "align", "pause_pretrain"):
         raise ValueError(f"train.task must be rec | align | pause_pretrain, got {cfg.task!r}")
     if cfg.pause_trains not in ("row", "model"):
         raise ValueError(f"train.pause_trains must be row | model, got {cfg.pause_trains!r}")
+    if cfg.pad_to and mcfg.max_len % cfg.pad_to:   # a batch padded past max_len would have no positions
+        raise ValueError(f"train.pad_to ({cfg.pad_to}) must divide model.max_len ({mcfg.max_len})")
+    if cfg.compile_mode not in COMPILE_MODES:
+        raise ValueError(f"train.compile_mode must be {' | '.join(COMPILE_MODES)}, got {cfg.compile_mode!r}")
+    if not 0.0 < cfg.max_warmup_share <= 1.0:
+        raise ValueError(f"train.max_warmup_share must be in (0, 1], got {cfg.max_warmup_share}")
     if not 0.0 <= cfg.pause_rate < 1.0:
         raise ValueError(f"train.pause_rate must be in [0, 1), got {cfg.pause_rate}")
     tuning = {"backbone_lr_ratio": 1.0, "frozen_epochs": 0, "align_frozen_epochs": 0}
@@ -145,66 +161,15 @@ def sid_table(cfg, ds, cache_dir: Path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Training examples: token ids and loss masks, built once
-
-def training_examples(tok, mcfg, ds, split, max_history, rng, refit=False):
-    """[(ids, loss_mask)] for the training targets of every user (refit: and the validation targets).
-
-    Layout 'every_item' trains all of a user's positions in one sequence: the training part of each
-    sequence (all but the last two items; refit: all but the last) is cut into windows of max_history + 1 items.
-    """
-    if mcfg.pause_layout == "every_item":
-        out = []
-        for seq in data.train_part(ds.sequences, "test" if refit else "valid"):
-            for end in range(len(seq), 1, -max_history):
-                out.append(pauserec.build_sequence_example(tok, mcfg, seq[max(0, end - max_history - 1):end]))
-        return out
-    targets = split["train"] + (split["valid"] if refit else [])
-    if mcfg.pause_layout == "last":   # one example per user: its last target (dict: a user's later ones win)
-        targets = list({ex.user: ex for ex in targets}.values())
-    rationale_ids = None
-    if mcfg.reasoning == "cot":
-        rationale_ids = rationales.example_rationales(tok, mcfg, targets, ds.item_meta, rng)
-    return [pauserec.build_example(tok, mcfg, ex.history, ex.target, rationale_ids[i] if rationale_ids else None)
-            for i, ex in enumerate(targets)]
-
-
-def batches(examples, batch_size, generator, batch_tokens=0):
-    """Shuffled batches of similar length (sorted within chunks of 64 batches): less padding. batch_tokens > 0:
-    token_batches instead."""
-    order = torch.randperm(len(examples), generator=generator).tolist()
-    if batch_tokens:
-        return token_batches(examples, order, batch_tokens, generator)
-    chunk = 64 * batch_size
-    out = []
-    for start in range(0, len(order), chunk):
-        part = sorted(order[start:start + chunk], key=lambda i: len(examples[i][0]))
-        out += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
-    shuffle = torch.randperm(len(out), generator=generator).tolist()
-    return [out[i] for i in shuffle]
-
-
-def token_batches(examples, order, batch_tokens, generator):
-    """Batches whose padded size (rows x longest row) is at most batch_tokens, shuffled: all examples sorted by length
-    (ties in the random order), then cut greedily. The lengths in that order are the same in every epoch, so are
-    the cuts: the number of batches is fixed (Phase.steps_per_epoch); equal-length examples mix across epochs."""
-    out, rows = [], []
-    for i in sorted(order, key=lambda i: len(examples[i][0])):   # ascending: example i is its batch's longest
-        if len(examples[i][0]) > batch_tokens:
-            raise ValueError(f"train.batch_tokens={batch_tokens} is below a training example's "
-                             f"{len(examples[i][0])} tokens")
-        if (len(rows) + 1) * len(examples[i][0]) > batch_tokens:
-            out, rows = out + [rows], []
-        rows.append(i)
-    out += [rows] if rows else []
-    return [out[i] for i in torch.randperm(len(out), generator=generator).tolist()]
-
+# The schedule
 
 def lr_at(step, total, cfg: TrainConfig):
-    """Linear warmup, then cosine decay from lr to min_lr at the last step."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps))
+    """Linear warmup over warmup_steps (at most max_warmup_share of the total), then cosine decay from lr to min_lr at
+    the last step."""
+    warmup = min(cfg.warmup_steps, math.ceil(cfg.max_warmup_share * total))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
 
 
@@ -223,6 +188,13 @@ class BatchLoss(torch.nn.Module):
         return self.loss_fn(self.model, ids, loss_mask)
 
 
+def training_forward(model, loss_fn, compile: bool = False, mode: str = "default"):
+    """BatchLoss, compiled with train.compile (train.compile_mode): recompiled once when the batch shape first changes,
+    then with dynamic shapes (CUDA graphs record one per shape)."""
+    forward = BatchLoss(model, loss_fn)
+    return torch.compile(forward, mode=mode) if compile else forward
+
+
 # ----------------------------------------------------------------------------------------------
 # The phases of a run, in order; each reads and writes the Run they share
 
@@ -238,6 +210,7 @@ class Run:
         self.resolved = {name: asdict(section) for name, section in cfg.items()}   # written as config.yaml
         self.step = self.refit_step = self.bad_evals = self.train_tokens = 0   # optimizer steps; tokens trained on
         self.best, self.train_seconds = -1.0, 0.0      # best validation eval.select; seconds in training steps
+        self.t_train = None                            # when the running stretch of steps began (stop_clock)
         self.stop = False                              # early stop (train.patience)
         self.tokens, self.t_log = 0, 0.0               # tokens since the last loss record, and its time
         self.last_loss = None                          # the last step's loss (a stage's metrics.json)
@@ -300,8 +273,8 @@ def prepare(run: Run):
         return
     rng = random.Random(tcfg.seed)
     max_history = run.cfg["data"].max_history
-    run.examples = training_examples(run.tok, mcfg, ds, run.split, max_history, rng)
-    run.refit_examples = training_examples(run.tok, mcfg, ds, run.split, max_history, rng, refit=True) \
+    run.examples = batching.training_examples(run.tok, mcfg, ds, run.split, max_history, rng)
+    run.refit_examples = batching.training_examples(run.tok, mcfg, ds, run.split, max_history, rng, refit=True) \
         if tcfg.refit_epochs else []
     valid = run.split["valid"]
     if 0 < run.ecfg.valid_users < len(valid):   # a fixed sample, the same at every validation
@@ -368,9 +341,8 @@ def build(run: Run):
     run.backbone_params = [p for g in groups if g["backbone"] for p in g["params"]]
     if tcfg.resume:
         resume_from_last(run)
-    run.train_loss = BatchLoss(model, pauserec.training_loss if tcfg.task == "rec" else stages.text_loss)
-    if tcfg.compile:
-        run.train_loss = torch.compile(run.train_loss)
+    run.train_loss = training_forward(model, pauserec.training_loss if tcfg.task == "rec" else stages.text_loss,
+                                      tcfg.compile, tcfg.compile_mode)
     if run.world > 1:
         run.train_loss = torch.nn.parallel.DistributedDataParallel(run.train_loss)
     run.autocast = torch.autocast(run.device.split(":")[0], dtype=torch.bfloat16, enabled=tcfg.amp)
@@ -384,6 +356,7 @@ def build(run: Run):
 
 def checkpoint(run: Run):
     """last.pt: model, optimizer, counters and every rank's RNG state (a resumed DDP run replays them all)."""
+    stop_clock(run)
     rngs = [common.rng_state()] * run.world
     if run.world > 1:
         dist.all_gather_object(rngs, common.rng_state())
@@ -411,8 +384,8 @@ class Phase:
         self.refit, self.counter = refit, "refit_step" if refit else "step"
         self.validates = not refit and tcfg.task == "rec"
         self.examples = run.refit_examples if refit else run.examples
-        self.steps_per_epoch = len(batches(self.examples, 0, torch.Generator(), tcfg.batch_tokens)) \
-            if tcfg.batch_tokens else math.ceil(len(self.examples) / tcfg.batch_size)   # the same every epoch
+        self.steps_per_epoch = math.ceil(len(self.examples) / tcfg.batch_size) if not tcfg.batch_tokens else \
+            len(batching.batches(self.examples, 0, torch.Generator(), tcfg.batch_tokens, tcfg.pad_to))   # every epoch's
         epochs, lr = {"rec": (tcfg.epochs, tcfg.lr), "align": (tcfg.align_epochs, tcfg.align_lr),
                       "pause_pretrain": (tcfg.pause_epochs, tcfg.pause_lr)}[tcfg.task]
         frozen = {"rec": tcfg.frozen_epochs, "align": tcfg.align_frozen_epochs, "pause_pretrain": 0}[tcfg.task]
@@ -435,26 +408,28 @@ class Phase:
 def train_step(run: Run, phase: Phase, rows, epoch: int):
     """One optimizer step on rows of phase.examples; every log_every steps the loss goes to the bar and
     log.jsonl (and, when stdout is no terminal, to a printed line)."""
-    t_step, n = time.time(), getattr(run, phase.counter) + 1
+    n = getattr(run, phase.counter) + 1
+    run.t_train = run.t_train or time.time()   # the clock runs (stop_clock reads it)
     lr, backbone_lr = phase.lrs(n - 1)
     for p in run.backbone_params:   # frozen: no gradient computed, AdamW skips them (no state, no decay)
         p.requires_grad_(n - 1 >= phase.frozen_steps)
     run.train_loss.train()
     mine, weight = ddp.shard(rows, phase.examples, run.rank, run.world)   # all rows when world == 1
-    ids, loss_mask = pauserec.collate([phase.examples[i] for i in mine], run.tok.PAD)
-    ids, loss_mask = ids.to(run.device), loss_mask.to(run.device)
+    batch = batching.collate([phase.examples[i] for i in mine], run.tok.PAD, run.tcfg.pad_to)
+    ids, loss_mask = batching.to_device(batch, run.device)
     for group in run.optimizer.param_groups:
         group["lr"] = backbone_lr if group["backbone"] else lr
+    if run.tcfg.compile and run.tcfg.compile_mode == "reduce-overhead":
+        torch.compiler.cudagraph_mark_step_begin()   # a new step: CUDA graphs may reuse the last one's outputs
     with run.autocast:
         loss = run.train_loss(ids, loss_mask)
     run.optimizer.zero_grad(set_to_none=True)
     (loss * weight).backward()
     torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.tcfg.grad_clip)
     run.optimizer.step()
-    run.last_loss = loss.detach()
+    run.last_loss = loss.detach().clone()
     real_tokens = sum(len(phase.examples[i][0]) for i in rows)  # the whole batch, on every rank
     run.tokens, run.train_tokens = run.tokens + real_tokens, run.train_tokens + real_tokens
-    run.train_seconds += time.time() - t_step
     setattr(run, phase.counter, n)
     run.bar.update(1)
     if n % run.tcfg.log_every == 0:
@@ -469,8 +444,19 @@ def train_step(run: Run, phase: Phase, rows, epoch: int):
         run.tokens, run.t_log = 0, time.time()
 
 
+def stop_clock(run: Run):
+    """train_seconds: a GPU runs the steps behind the host, so the clock times stretches of steps, stopped once the
+    device has finished them (before a validation or a checkpoint, at a phase's end), not each step's host side."""
+    if run.t_train:
+        if run.device.startswith("cuda"):
+            torch.cuda.synchronize(run.device)
+        run.train_seconds += time.time() - run.t_train
+        run.t_train = None
+
+
 def validate(run: Run, epoch: int):
     """Validation users' metrics; a better eval.select saves model.pt; last.pt after every validation."""
+    stop_clock(run)
     ecfg = run.ecfg
     metrics = evaluate.evaluate_model(run.model, run.tok, run.mcfg, run.trie, run.valid, ecfg, run.device, "valid",
                                       run.rank, run.world)
@@ -495,7 +481,8 @@ def fit(run: Run, phase: Phase):
     while getattr(run, phase.counter) < phase.total and not (run.stop and not phase.refit):
         epoch, skip = divmod(getattr(run, phase.counter), phase.steps_per_epoch)
         seed = tcfg.seed * 1000 + phase.first_epoch + epoch
-        order = batches(phase.examples, tcfg.batch_size, torch.Generator().manual_seed(seed), tcfg.batch_tokens)
+        order = batching.batches(phase.examples, tcfg.batch_size, torch.Generator().manual_seed(seed),
+                                 tcfg.batch_tokens, tcfg.pad_to)
         for rows in order[skip:]:
             train_step(run, phase, rows, phase.first_epoch + epoch)
             if phase.validates and (run.step % eval_every == 0 or run.step == phase.total):
@@ -504,6 +491,7 @@ def fit(run: Run, phase: Phase):
                     break
         if not phase.validates:   # the refit, a stage: last.pt at each epoch's end
             checkpoint(run)
+    stop_clock(run)
 
 
 def refit(run: Run, phase: Phase):

@@ -198,18 +198,24 @@ def test_mfu_peak_is_the_cards_dense_bf16_spec_by_name(monkeypatch):
     assert mfu.mfu_peak(0.0, "cpu", 90.0) == (90.0, "measured fp32 matmul peak")
 
 
-def test_bench_finetune_settings_batch_tokens_and_profile(tmp_path, capsys):
-    """--settings picks the rows; --batch-tokens times token-budgeted batches (rows x longest row within it);
+def test_bench_finetune_settings_batch_tokens_and_profile(tmp_path, capsys, monkeypatch):
+    """--settings picks the rows; --batch-tokens times token-budgeted batches (rows x longest row within it, padded
+    to train.pad_to); train.compile and its mode reach the timed step (torch.compile recorded here, not run);
     --profile DIR writes a Chrome trace of each row's steps and prints its top-15 ops."""
     from test_mapping import write_llama
     write_llama(tmp_path / "llama", "LlamaForCausalLM", V=40, C=32, n_head=4, n_kv=2, ff=48, tie=True)
     overrides = [f"model.hf_dir={tmp_path / 'llama'}", "model.max_len=64", f"train.sid_cache={tmp_path / 'sids'}",
-                 "model.sid_init=mean"]
+                 "model.sid_init=mean", "train.pad_to=16", "train.compile=true",
+                 "train.compile_mode=max-autotune-no-cudagraphs"]
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda module, mode: compiled.append(mode) or module)
     out = bench.main(["finetune", str(ROOT / "configs" / "demo_smollm2.yaml"), "--depths", "1", "--steps", "2",
                       "--threads", "1", "--settings", "text rows frozen", "--batch-tokens", "150",
                       "--profile", str(tmp_path / "prof"), "--profile-steps", "2", *overrides])
     assert [r["setting"] for r in out["rows"]] == ["text rows frozen"] and out["batch_tokens"] == 150
-    assert len(out["batch_shapes"]) == 2 and all(rows * longest <= 150 for rows, longest in out["batch_shapes"])
+    assert compiled == ["max-autotune-no-cudagraphs"]
+    assert len(out["batch_shapes"]) == 2 and all(rows * longest <= 150 and longest % 16 == 0
+                                                 for rows, longest in out["batch_shapes"])
     trace = out["rows"][0]["trace"]
     assert trace == str(tmp_path / "prof" / "depth1_text_rows_frozen.json")
     names = {e.get("name") for e in json.loads(Path(trace).read_text())["traceEvents"]}
@@ -220,3 +226,15 @@ def test_bench_finetune_settings_batch_tokens_and_profile(tmp_path, capsys):
     assert 15 + 4 <= len(table.strip().splitlines()) <= 15 + 6          # the title, header lines and 15 ops
     with pytest.raises(ValueError, match="unknown setting 'frozen'"):
         bench.main(["finetune", "c.yaml", "--settings", "frozen"])
+
+
+def test_runs_side_by_side_share_the_cores():
+    """paper.py --jobs N (sweep.train_runs): a run whose config leaves train.threads at 0 (torch's default: every
+    core, in every process) gets cpus // N threads, at least 1; a config's own threads, and --jobs 1, are kept."""
+    demo, smollm2 = str(ROOT / "configs" / "demo.yaml"), str(ROOT / "configs" / "demo_smollm2.yaml")   # 0, 1
+    assert sweep.job_threads([demo, "train.epochs=1"], 4, 16) == [demo, "train.epochs=1", "train.threads=4"]
+    assert sweep.job_threads([demo], 3, 16) == [demo, "train.threads=5"]
+    assert sweep.job_threads([demo], 4, 2) == [demo, "train.threads=1"]
+    assert sweep.job_threads([demo], 1, 16) == [demo]
+    assert sweep.job_threads([smollm2], 4, 16) == [smollm2]
+    assert sweep.job_threads([demo, "train.threads=2"], 4, 16) == [demo, "train.threads=2"]

@@ -1,4 +1,6 @@
 import math
+from contextlib import nullcontext
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -62,3 +64,33 @@ def test_eval_config_checks():
     with pytest.raises(ValueError, match=r"eval.select=ndcg@10 is not computed with eval.ks=\[5, 20\]"):
         evaluate.check_eval_config(evaluate.EvalConfig(ks=[5, 20]))
     evaluate.check_eval_config(evaluate.EvalConfig(ks=[5, 20], select="recall@20"))
+
+
+def test_evaluation_precision_applies_on_cuda_only(monkeypatch):
+    """eval.precision on CUDA: tf32 lets float32 matmuls run on TF32 during the evaluation (the setting restored
+    after), bf16 is autocast; on a CPU, and with fp32, the evaluation stays float32 as before."""
+    assert torch.get_float32_matmul_precision() == "highest"
+    with evaluate.eval_precision("tf32", "cuda:0"):
+        assert torch.get_float32_matmul_precision() == "high"
+    assert torch.get_float32_matmul_precision() == "highest"
+    for name, device in (("tf32", "cpu"), ("bf16", "cpu"), ("fp32", "cuda")):
+        with evaluate.eval_precision(name, device):
+            assert torch.get_float32_matmul_precision() == "highest" and not torch.is_autocast_enabled("cpu")
+    autocasts = []
+    monkeypatch.setattr(torch, "autocast", lambda device, dtype: autocasts.append((device, dtype)) or nullcontext())
+    with evaluate.eval_precision("bf16", "cuda"):
+        pass
+    assert autocasts == [("cuda", torch.bfloat16)]
+
+
+def test_evaluate_model_searches_under_eval_precision(monkeypatch):
+    """evaluate_model runs each beam-search batch under eval.precision on its device."""
+    from test_pauserec import setup
+    cfg, tok, model, trie, codes = setup(0)
+    seen, precision = [], evaluate.eval_precision
+    monkeypatch.setattr(evaluate, "eval_precision", lambda name, device: seen.append((name, device)) or
+                        precision(name, device))
+    users = [SimpleNamespace(history=[i, i + 1], target=i + 2) for i in range(5)]
+    ecfg = evaluate.EvalConfig(precision="bf16", batch_size=2)
+    metrics = evaluate.evaluate_model(model, tok, cfg, trie, users, ecfg, "cpu")
+    assert seen == [("bf16", "cpu")] * 3 and metrics["users"] == 5

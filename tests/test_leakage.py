@@ -1,12 +1,13 @@
 """No training example reaches a target it is evaluated on: for every user of the demo's synthetic data, the
 main phase's examples hold neither the validation nor the test item, the refit's never the test item, in both
-layouts (through train.training_examples, one user at a time, so that each example is known to be the user's)."""
+layouts (through batching.training_examples, one user at a time, so that each example is known to be the user's)."""
 import types
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+import batching
 import common
 import data
 import pauserec as pr
@@ -36,7 +37,7 @@ def test_training_examples_never_hold_an_evaluated_target(layout, max_history):
         one = types.SimpleNamespace(sequences=[seq], item_meta=ds.item_meta)
         split = data.leave_one_out([seq], max_history)
         for refit, banned, last_allowed in ((False, seq[-2:], seq[-3]), (True, seq[-1:], seq[-2])):
-            examples = train.training_examples(tok, mcfg, one, split, max_history, None, refit=refit)
+            examples = batching.training_examples(tok, mcfg, one, split, max_history, None, refit=refit)
             seen = set().union(*(items_in(ids, tok) for ids, _ in examples))
             assert not seen & set(banned), (u, refit, sorted(seen & set(banned)))
             assert last_allowed in seen, (u, refit)   # and the examples reach up to the cut, not short of it

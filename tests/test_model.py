@@ -50,6 +50,64 @@ def test_loss_helper_and_fast_path_agree():
     assert model.transformer.wte.weight.grad.abs().sum() > 0
 
 
+def boolean_index_loss(model, ids, loss_mask):
+    """GPT.loss as it was before the loss over every position: logits only at the supervised (and draft) positions,
+    picked by a boolean index (a host sync on a GPU); the draft term skipped when there is no draft position."""
+    sel = loss_mask[:, 1:]
+    if model.cfg.step_loss != "draft":
+        return F.cross_entropy(model(ids[:, :-1], where=sel).float(), ids[:, 1:][sel] - model.head_start)
+    draft, first = md.draft_targets(ids, loss_mask, model.pause_id)
+    both = sel | draft
+    logits = model(ids[:, :-1], where=both).float()
+    target = torch.where(sel, ids[:, 1:], first)[both] - model.head_start
+    is_sid = sel[both]
+    loss = F.cross_entropy(logits[is_sid], target[is_sid])
+    if bool(draft.any()):
+        loss = loss + model.cfg.step_loss_weight * F.cross_entropy(logits[~is_sid], target[~is_sid])
+    return loss
+
+
+LOSS_CASES = {   # name: (ModelConfig keywords, text rows before ours: a pretrained backbone's layout)
+    "none_every_item": (dict(reasoning="none", layout="every_item"), 0),
+    "pause_target": (dict(layout="target"), 0),
+    "pause_every_item": (dict(layout="every_item"), 0),
+    "pause_every_item_draft": (dict(layout="every_item", M=3, step_loss="draft", step_loss_weight=0.5), 0),
+    "llama_gqa_every_item": (dict(layout="every_item", **LLAMA_STYLE), 0),
+    "pretrained_head_new": (dict(layout="every_item", head="new"), 40),
+    "pretrained_head_full": (dict(layout="every_item", step_loss="draft", M=3), 40),   # the selected path
+}
+
+
+@pytest.mark.parametrize("case", list(LOSS_CASES))
+def test_loss_equals_the_boolean_index_formula(case):
+    """GPT.loss over every position (ignored where nothing is supervised; a pretrained text vocabulary's head: the
+    supervised positions only) gives the loss and gradients of the boolean-indexed formula, to float rounding."""
+    kw, base = LOSS_CASES[case]
+    cfg, tok, _, _, codes = setup(7, **kw)
+    tok = pr.Tokens(tok.level_sizes, codes=codes, base=base)
+    model = md.GPT(cfg, tok.size, base)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    assert model.every_position == (not base or cfg.head == "new")
+    lengths, build = (2, 5, 3, 6), pr.build_sequence_example
+    if cfg.pause_layout == "target":
+        build = lambda tok, cfg, items: pr.build_example(tok, cfg, items[:-1], items[-1])   # noqa: E731
+    examples = [build(tok, cfg, h) for h in histories(7, len(codes), lengths)]
+    ids, mask = pr.collate(examples, tok.PAD)
+
+    def loss_and_grads(loss_fn):
+        model.zero_grad()
+        loss = loss_fn(model, ids, mask)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+    (new, new_grads), (old, old_grads) = loss_and_grads(md.GPT.loss), loss_and_grads(boolean_index_loss)
+    torch.testing.assert_close(new, old)
+    for a, b in zip(new_grads, old_grads):
+        torch.testing.assert_close(a, b)
+    assert new.item() > 0 and any(g.abs().sum() > 0 for g in new_grads)
+
+
 def test_gpt2_parameter_layout():
     cfg = md.ModelConfig(n_layer=2, n_head=2, d_model=32)
     names = set(dict(md.GPT(cfg, 50).named_parameters()))

@@ -9,6 +9,7 @@ import pytest
 import torch
 from test_reliability import train_args
 
+import batching
 import pauserec
 import train
 
@@ -26,17 +27,32 @@ def test_lr_at_warmup_peak_and_cosine_end():
     assert train.lr_at(0, total, train.TrainConfig(lr=1e-3, warmup_steps=0)) == pytest.approx(1e-3)   # no warmup
 
 
+def test_warmup_takes_at_most_its_share_of_a_short_phase():
+    """Token-budgeted batches make few steps: warmup_steps counts steps (Adam's moments settle per update), at most
+    train.max_warmup_share of a phase, so that a short phase (the refit, a stage) is not all warmup; a long one keeps
+    warmup_steps as set."""
+    cfg = train.TrainConfig(lr=1e-3, min_lr=0.0, warmup_steps=50, max_warmup_share=0.25)
+    assert train.lr_at(48, 1000, cfg) < train.lr_at(49, 1000, cfg) == pytest.approx(1e-3)   # 50 of 1,000 steps
+    lrs = [train.lr_at(s, 40, cfg) for s in range(41)]                                     # 10 of 40 steps
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3) and lrs[40] == pytest.approx(0.0)
+    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10])) and all(a > b for a, b in zip(lrs[10:], lrs[11:]))
+    assert train.lr_at(0, 3, cfg) == pytest.approx(1e-3)   # ceil(0.75): one warmup step
+    for share in (0.0, 1.5):
+        with pytest.raises(ValueError, match=rf"train.max_warmup_share must be in \(0, 1\], got {share}"):
+            train.check_train_config(train.TrainConfig(max_warmup_share=share), pauserec.ModelConfig())
+
+
 @pytest.mark.parametrize("n,batch_size", [(5000, 32), (100, 7), (3, 8), (64 * 8, 8)])
 def test_batches_cover_each_example_once_per_epoch(n, batch_size):
     r = random.Random(n)
     examples = [([0] * r.randint(2, 60), None) for _ in range(n)]
-    epochs = [train.batches(examples, batch_size, torch.Generator().manual_seed(e)) for e in range(2)]
+    epochs = [batching.batches(examples, batch_size, torch.Generator().manual_seed(e)) for e in range(2)]
     for order in epochs:
         assert sorted(i for rows in order for i in rows) == list(range(n))   # each example once
         assert all(0 < len(rows) <= batch_size for rows in order)
         assert len(order) == math.ceil(n / batch_size)   # train.py's steps_per_epoch: the resume arithmetic
     assert n <= batch_size or epochs[0] != epochs[1]       # another epoch, another order (one batch: sorted)
-    assert epochs[0] == train.batches(examples, batch_size, torch.Generator().manual_seed(0))   # replayable
+    assert epochs[0] == batching.batches(examples, batch_size, torch.Generator().manual_seed(0))   # replayable
 
 
 def ranking(metrics):
@@ -100,15 +116,15 @@ def test_token_batches_keep_the_budget_cover_each_example_once_and_keep_their_co
     (Phase.steps_per_epoch counts one epoch's)."""
     r = random.Random(n)
     examples = [([0] * r.randint(2, 60), None) for _ in range(n)]
-    epochs = [train.batches(examples, 32, torch.Generator().manual_seed(e), budget) for e in range(3)]
+    epochs = [batching.batches(examples, 32, torch.Generator().manual_seed(e), budget) for e in range(3)]
     for order in epochs:
         assert sorted(i for rows in order for i in rows) == list(range(n))   # each example once
         assert all(rows and len(rows) * max(len(examples[i][0]) for i in rows) <= budget for rows in order)
     assert len({len(order) for order in epochs}) == 1
     assert len(epochs[0]) == 1 or epochs[0] != epochs[1]   # another epoch, another order (one batch: sorted)
-    assert epochs[0] == train.batches(examples, 32, torch.Generator().manual_seed(0), budget)   # replayable
+    assert epochs[0] == batching.batches(examples, 32, torch.Generator().manual_seed(0), budget)   # replayable
     with pytest.raises(ValueError, match=r"train.batch_tokens=59 is below a training example's 60 tokens"):
-        train.batches([([0] * 60, None)], 32, torch.Generator(), 59)
+        batching.batches([([0] * 60, None)], 32, torch.Generator(), 59)
 
 
 def test_token_batches_schedule_and_resume(tmp_path, monkeypatch):
@@ -119,7 +135,7 @@ def test_token_batches_schedule_and_resume(tmp_path, monkeypatch):
     whole = train.main(train_args(tmp_path / "whole", *args))
     run = train.setup(train_args(tmp_path / "count", *args))
     train.prepare(run)
-    assert whole["steps_per_epoch"] == len(train.batches(run.examples, 32, torch.Generator(), 400)) != \
+    assert whole["steps_per_epoch"] == len(batching.batches(run.examples, 32, torch.Generator(), 400)) != \
         math.ceil(len(run.examples) / 32) and whole["steps"] == 2 * whole["steps_per_epoch"]
     killed_at_first_checkpoint(monkeypatch, train_args(tmp_path / "killed", *args))
     resumed = train.main(train_args(tmp_path / "killed", *args, "train.resume=true"))

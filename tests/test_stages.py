@@ -18,6 +18,7 @@ from test_gpt2 import write_tokenizer  # noqa: E402
 from test_train import killed_at_first_checkpoint, tiny_args  # noqa: E402
 
 import backbones as bb  # noqa: E402
+import batching  # noqa: E402
 import bpe  # noqa: E402
 import data  # noqa: E402
 import evaluate  # noqa: E402
@@ -243,7 +244,7 @@ def test_layout_last_is_one_example_per_user_its_last_training_item():
     cfg = ModelConfig(reasoning="pause", num_pauses=5, pause_layout="last")
     tok = pr.Tokens.from_codes(torch.stack([torch.arange(60) // 8, torch.arange(60) % 8], 1))
     for refit, last in ((False, -3), (True, -2)):
-        examples = train.training_examples(tok, cfg, ds, split, 20, random.Random(0), refit=refit)
+        examples = batching.training_examples(tok, cfg, ds, split, 20, random.Random(0), refit=refit)
         want = [pr.build_example(tok, cfg, s[:last][-20:], s[last]) for s in ds.sequences]
         assert examples == want
 

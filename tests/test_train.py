@@ -1,6 +1,7 @@
 import collections
 import json
 import traceback
+import types
 from dataclasses import replace
 from pathlib import Path
 
@@ -9,6 +10,7 @@ import torch
 import yaml
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import batching
 import common
 import data
 import evaluate
@@ -111,13 +113,13 @@ def test_refit_trains_the_chosen_checkpoint_on_the_validation_targets(tmp_path):
 
     cfg, ds, codes, tok, model = evaluate.load_run(run)
     # refit examples: every user's sequence up to its validation target (the first window of each user ends there)
-    examples = train.training_examples(tok, cfg["model"], ds, None, cfg["data"].max_history, None, refit=True)
+    examples = batching.training_examples(tok, cfg["model"], ds, None, cfg["data"].max_history, None, refit=True)
     windows = [len(range(len(s) - 1, 1, -cfg["data"].max_history)) for s in ds.sequences]
     assert len(examples) == sum(windows)
     firsts = [examples[sum(windows[:u])][0] for u in range(len(ds.sequences))]
     assert all(ids[-len(tok.sid(s[-2])):] == tok.sid(s[-2]) for ids, s in zip(firsts, ds.sequences))
     split = data.leave_one_out(ds.sequences, cfg["data"].max_history)   # layout target: one example per target
-    target = train.training_examples(tok, replace(cfg["model"], pause_layout="target"), ds, split,
+    target = batching.training_examples(tok, replace(cfg["model"], pause_layout="target"), ds, split,
                                      cfg["data"].max_history, None, refit=True)
     assert len(target) == len(split["train"]) + len(split["valid"])
     again = evaluate.main([str(run)])
@@ -191,16 +193,28 @@ def test_tiny_latent_run_trains_and_evaluate_reproduces_test(tmp_path):
 # ----------------------------------------------------------------------------------------------- host reads
 
 
+def waits_for_the_device(func, args) -> bool:
+    """Does this op read a tensor's value back to the host? item, tolist, int, float and bool of a tensor all end in
+    aten._local_scalar_dense; nonzero, masked_select and indexing with a bool mask size their output by the mask's
+    values. On a GPU each one waits for the queued work (on a CPU they run alike, so the test sees them here)."""
+    if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default,
+                torch.ops.aten.masked_select.default):
+        return True
+    indexing = (torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default,
+                torch.ops.aten._index_put_impl_.default)
+    return func in indexing and any(t is not None and t.dtype == torch.bool for t in args[1])
+
+
 class HostReads(TorchDispatchMode):
-    """Counts, by the Python line that asked, the reads of a tensor's value back to the host: item, tolist, int,
-    float and bool of a tensor all end in aten._local_scalar_dense (on a GPU, each one waits for the queued work)."""
+    """Counts, by the Python line that asked, the ops that read a tensor's value back to the host
+    (waits_for_the_device)."""
 
     def __init__(self):
         super().__init__()
         self.where = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
+        if waits_for_the_device(func, args):
             frame = next(f for f in traceback.extract_stack()[-2::-1] if "torch" not in Path(f.filename).parts)
             self.where[f"{Path(frame.filename).name}:{frame.lineno} {frame.line}"] += 1
         return func(*args, **(kwargs or {}))
@@ -260,3 +274,59 @@ def test_fused_adamw_agrees_with_the_for_loop_adamw_on_the_cpu():
         assert any(not torch.equal(loop[k], v) for k, v in fused.items())   # two computations, not one
         for k, v in fused.items():
             torch.testing.assert_close(v, loop[k], rtol=1e-5, atol=atol)
+
+
+# ----------------------------------------------------------------------------------------------- the step's cost
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")   # torch.jit, imported by inductor
+def test_compiled_training_forward_gives_eager_loss_and_gradients():
+    """train.compile (inductor; gcc on a CPU) on a tiny pause model: the compiled forward and backward give eager's
+    loss and gradients to float rounding. Dropout 0: a compiled graph draws its own dropout masks."""
+    torch.manual_seed(0)
+    cfg = pauserec.ModelConfig(n_layer=1, n_head=2, d_model=16, reasoning="pause", num_pauses=2, dropout=0.0,
+                               pause_layout="every_item", max_len=64)
+    tok = pauserec.Tokens([4, 4], codes=torch.tensor([[i // 4, i % 4] for i in range(16)]))
+    model = pauserec.GPT(cfg, tok.size)
+    g = torch.Generator().manual_seed(0)
+    examples = [pauserec.build_sequence_example(tok, cfg, torch.randint(0, 16, (n,), generator=g).tolist())
+                for n in (2, 5, 3)]
+    batch = batching.collate(examples, tok.PAD, pad_to=16)
+
+    def loss_and_grads(forward):
+        model.zero_grad()
+        loss = forward(*batch)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+    compiled = train.training_forward(model, pauserec.training_loss, compile=True)
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule)
+    (got, got_grads), (want, want_grads) = loss_and_grads(compiled), loss_and_grads(train.BatchLoss(model))
+    torch.testing.assert_close(got, want)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_compile_mode_reaches_torch_compile(monkeypatch):
+    """train.compile_mode is torch.compile's mode; train.compile=false compiles nothing."""
+    modes = []
+    monkeypatch.setattr(torch, "compile", lambda module, mode: modes.append(mode) or module)
+    model = torch.nn.Linear(2, 2)
+    for mode in train.COMPILE_MODES:
+        assert isinstance(train.training_forward(model, pauserec.training_loss, True, mode), train.BatchLoss)
+    assert isinstance(train.training_forward(model, pauserec.training_loss), train.BatchLoss)
+    assert modes == list(train.COMPILE_MODES)
+
+
+def test_train_seconds_wait_for_the_device(monkeypatch):
+    """stop_clock: on CUDA the steps run behind the host, so train_seconds is read only after a device synchronize
+    (a clock read at the host's end of a step would miss the queued work); once per stretch of steps, none on a CPU."""
+    synced = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append((device, run.train_seconds)))
+    monkeypatch.setattr(train.time, "time", lambda: 105.0)
+    for device, want in (("cuda:0", [("cuda:0", 1.0)]), ("cpu", [])):
+        run = types.SimpleNamespace(device=device, t_train=100.0, train_seconds=1.0)
+        synced.clear()
+        train.stop_clock(run)
+        train.stop_clock(run)   # stopped: no second synchronize, nothing added
+        assert synced == want and run.train_seconds == 6.0 and run.t_train is None
