@@ -78,9 +78,9 @@ def matmul_weights(model) -> tuple[int, int]:
 
 def train_flops_per_token(model) -> int:
     """Model FLOPs of a training token: 2N forward, 2N activation gradients, 2 N_trained weight gradients
-    (matmul_weights). Attention's scores are left out, and the head's rows count at every token although
-    model.loss multiplies them at the supervised positions only: a small overcount with model.head=new (our rows),
-    a large one with head=full."""
+    (matmul_weights). Attention's scores are left out. The head's rows count at every token: model.loss multiplies
+    them there with model.head=new (our rows), but only at the supervised positions with head=full on a backbone
+    (a large overcount there)."""
     n, trained = matmul_weights(model)
     return 4 * n + 2 * trained
 
