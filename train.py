@@ -503,7 +503,8 @@ def refit(run: Run, phase: Phase):
     if phase.total and run.refit_step == 0:
         if run.rank == 0:
             shutil.copyfile(run.run_dir / "model.pt", run.run_dir / "model_valid.pt")
-        chosen = torch.load(run.run_dir / "model.pt", map_location=run.device, weights_only=True)
+        # on the host, copied into the model: no second copy of the weights on the device
+        chosen = torch.load(run.run_dir / "model.pt", map_location="cpu", weights_only=True)
         run.model.load_state_dict(chosen["model"])
         run.optimizer.state.clear()
     fit(run, phase)
@@ -518,7 +519,8 @@ def final_test(run: Run, training: Phase, refitting: Phase) -> dict:
     refit model when there is a refit); metrics.json, the results table and one JSON line."""
     if run.world > 1:
         dist.barrier()  # model.pt is written by rank 0
-    load = lambda name: torch.load(run.run_dir / name, map_location=run.device, weights_only=True)  # noqa: E731
+    # held on the host and copied into the model: two checkpoints on the device would cost twice the weights
+    load = lambda name: torch.load(run.run_dir / name, map_location="cpu", weights_only=True)  # noqa: E731
     tested = load("model.pt")
     chosen = load("model_valid.pt") if refitting.total else tested
     args = (run.tok, run.mcfg, run.trie)
