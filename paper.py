@@ -161,12 +161,10 @@ SFT_MODES = (("plain", "plain SFT", ["model.reasoning=none"]), ("pause", "pause 
 ARMS = {"aligned": "sft", "not_aligned": "noalign"}   # --arms name -> the prefix of its run folders
 # What a finished stage is compared on before it is reused (every other train.* and eval.* key, and the modes'
 # model keys, belong to the SFTs): the keys that change what the stage trains
-STAGE_TRAIN_KEYS = {"align": {"task", "seed", "batch_size", "batch_tokens", "align_lr", "align_epochs",
-                              "align_frozen_epochs", "backbone_lr_ratio", "weight_decay", "grad_clip", "warmup_steps",
-                              "min_lr", "amp"},
-                    "pause_pretrain": {"task", "seed", "batch_size", "batch_tokens", "pause_lr", "pause_epochs",
-                                       "pause_rate", "pause_trains", "backbone_lr_ratio", "weight_decay", "grad_clip",
-                                       "warmup_steps", "min_lr", "amp"}}
+STAGE_KEYS = {"task", "seed", "batch_size", "batch_tokens", "backbone_lr_ratio", "weight_decay", "grad_clip",
+              "warmup_steps", "max_warmup_share", "min_lr", "amp"}
+STAGE_TRAIN_KEYS = {"align": STAGE_KEYS | {"align_lr", "align_epochs", "align_frozen_epochs"},
+                    "pause_pretrain": STAGE_KEYS | {"pause_lr", "pause_epochs", "pause_rate", "pause_trains"}}
 SFT_MODEL_KEYS = {"num_pauses", "pause_embeddings", "latent_steps", "pause_layout", "loss_on_history",
                   "rationale_file", "rationale_noise", "max_rationale_len", "think_pauses", "step_loss",
                   "step_loss_weight", "step_temp"}
