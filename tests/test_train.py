@@ -329,4 +329,5 @@ def test_train_seconds_wait_for_the_device(monkeypatch):
         synced.clear()
         train.stop_clock(run)
         train.stop_clock(run)   # stopped: no second synchronize, nothing added
-        assert synced == want and run.train_seconds == 6.0 and run.t_train is None
+        counted = run.train_seconds   # time.time is faked (105.0): exactly the stretch 100 -> 105 added once
+        assert synced == want and counted == 6.0 and run.t_train is None
